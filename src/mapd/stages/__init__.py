@@ -1,0 +1,1 @@
+"""Pipeline stages: each a function from records to records, with its clients passed in."""

@@ -1,0 +1,23 @@
+"""Tasks: the four benchmarks of the paper, your own JSONL, and reasoning-gym generators."""
+
+from mapd.errors import MapdError
+from mapd.tasks import gsm8k, jsonl, logiqa, strategyqa, svamp
+from mapd.tasks import reasoning_gym as reasoning_gym_task
+from mapd.tasks.base import AnswerKind, Example, Task, TaskConfig
+
+BENCHMARKS = {"gsm8k": gsm8k.make, "svamp": svamp.make, "strategyqa": strategyqa.make, "logiqa": logiqa.make}
+
+
+def get_task(config: TaskConfig) -> Task:
+    """The task named by ``config.name``; an unknown name is a MapdError listing the known ones."""
+    if config.name in BENCHMARKS:
+        return BENCHMARKS[config.name](config)
+    if config.name == "jsonl":
+        return jsonl.make(config)
+    if config.name.startswith("reasoning_gym:"):
+        return reasoning_gym_task.make(config, config.name.split(":", 1)[1])
+    known = ", ".join([*BENCHMARKS, "jsonl", "reasoning_gym:<dataset>"])
+    raise MapdError(f"task.name: unknown task '{config.name}' (known: {known})")
+
+
+__all__ = ["AnswerKind", "Example", "Task", "TaskConfig", "get_task"]

@@ -1,0 +1,133 @@
+"""What every task is: examples with a gold answer of one kind, loaded from a file or the hub."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from mapd.errors import MapdError
+from mapd.io import read_jsonl
+
+AnswerKind = Literal["number", "bool", "choice"]
+CHOICE_LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question. ``gold`` is canonical: a number string, "true"/"false", or an option letter."""
+
+    id: str
+    question: str
+    gold: str
+    options: list[str] | None = field(default=None)
+
+
+class TaskConfig(BaseModel):
+    """Which benchmark to use and where its data comes from."""
+
+    name: str = Field(
+        "svamp",
+        description="gsm8k, svamp, strategyqa, logiqa, jsonl (your own file), or "
+        "reasoning_gym:<dataset> (generated, no download), e.g. reasoning_gym:basic_arithmetic.",
+    )
+    path: str | None = Field(
+        None,
+        description="Local data: a folder holding <split>.jsonl files, or one .jsonl file. "
+        "When unset, the benchmark loads from the Hugging Face hub id the paper used.",
+    )
+    train_split: str = Field("train", description="Split the student's mistakes are mined from.")
+    test_split: str = Field("test", description="Split the student is evaluated on.")
+    train_limit: int | None = Field(None, ge=1, description="Use only the first N training questions.")
+    test_limit: int | None = Field(None, ge=1, description="Evaluate on only the first N test questions.")
+    question_field: str = Field("question", description="jsonl task: field holding the question.")
+    answer_field: str = Field("answer", description="jsonl task: field holding the gold answer.")
+    options_field: str | None = Field(None, description="jsonl task: field holding a list of options (choice kind).")
+    id_field: str | None = Field(None, description="jsonl task: field holding a unique id (default: line number).")
+    answer_kind: AnswerKind | None = Field(
+        None, description="jsonl and reasoning_gym tasks: number, bool or choice (default: number)."
+    )
+    size: int = Field(200, ge=1, description="reasoning_gym tasks: questions generated per split.")
+    seed: int = Field(731, description="reasoning_gym tasks: generator seed (the test split uses seed + 1).")
+
+    model_config = {"extra": "forbid"}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benchmark: its name, answer kind and a loader of examples per split."""
+
+    name: str
+    answer_kind: AnswerKind
+    loader: Callable[[str], list[Example]]
+
+    def load(self, split: str, limit: int | None = None) -> list[Example]:
+        """Load a split; an empty split is an error, not an empty run."""
+        examples = self.loader(split)
+        if not examples:
+            raise MapdError(f"task {self.name}: split '{split}' is empty")
+        return examples[:limit] if limit else examples
+
+
+def require(row: dict[str, Any], key: str, where: str) -> Any:
+    """``row[key]``, or a MapdError naming the place and the missing field."""
+    if key not in row or row[key] is None:
+        raise MapdError(f"{where}: missing field '{key}'")
+    return row[key]
+
+
+def bool_text(value: Any, where: str) -> str:
+    """A gold yes/no answer (bool, "true"/"yes", "false"/"no") as "true" or "false"."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).strip().lower()
+    if text in {"true", "yes"}:
+        return "true"
+    if text in {"false", "no"}:
+        return "false"
+    raise MapdError(f"{where}: gold answer is {value!r}, expected true or false")
+
+
+def format_options(question: str, options: list[str]) -> str:
+    """Question text followed by lettered options, as every choice prompt shows them."""
+    lines = [question, ""] + [f"{CHOICE_LETTERS[i]}. {option}" for i, option in enumerate(options)]
+    return "\n".join(lines)
+
+
+def load_rows(task: str, path: str | None, split: str, hub_id: str | None = None, hub_config: str | None = None):
+    """Rows of a split with a location label per row, from local JSONL or the hub.
+
+    Yields ``(where, row)`` where ``where`` names the file and line (or hub split and
+    row) so that a bad row can be reported precisely.
+    """
+    if path is not None:
+        base = Path(path)
+        file = base / f"{split}.jsonl" if base.is_dir() else base
+        if not file.exists():
+            raise MapdError(f"task {task}: no data file {file} for split '{split}'")
+        rows = read_jsonl(file)
+        return [(f"{file}:{number}", row) for number, row in enumerate(rows, start=1)]
+    if hub_id is None:
+        raise MapdError(f"task {task}: set task.path to a local JSONL file or folder")
+    from datasets import load_dataset  # imported lazily: slow, and unused for local files
+
+    try:
+        dataset = load_dataset(hub_id, hub_config, split=split)
+    except Exception as exc:  # network, unknown split, missing dataset: report in one line
+        raise MapdError(f"task {task}: cannot load {hub_id} split '{split}' from the hub: {exc}") from None
+    return [(f"{hub_id}[{split}] row {index}", row) for index, row in enumerate(dataset)]
+
+
+def examples_from_rows(rows: Iterable[tuple[str, dict[str, Any]]], convert) -> list[Example]:
+    """Convert located rows with ``convert(index, where, row) -> Example``; ids must be unique."""
+    examples, seen = [], set()
+    for index, (where, row) in enumerate(rows):
+        example = convert(index, where, row)
+        if example.id in seen:
+            raise MapdError(f"{where}: duplicate id '{example.id}'")
+        seen.add(example.id)
+        examples.append(example)
+    return examples

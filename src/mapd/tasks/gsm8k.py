@@ -1,0 +1,24 @@
+"""GSM8K: grade-school math word problems with a numeric answer (hub: openai/gsm8k, config main)."""
+
+from mapd.errors import MapdError
+from mapd.tasks.base import Example, Task, TaskConfig, examples_from_rows, load_rows, require
+
+
+def _example(index: int, where: str, row: dict) -> Example:
+    question = require(row, "question", where)
+    gold = row.get("final")
+    if gold is None:  # hub format: the solution ends with "#### <answer>"
+        solution = require(row, "answer", where)
+        if "####" not in solution:
+            raise MapdError(f"{where}: field 'answer' has no '#### <number>' final line")
+        gold = solution.rsplit("####", 1)[1]
+    return Example(id=str(row.get("id", index)), question=question.strip(), gold=str(gold).replace(",", "").strip())
+
+
+def make(config: TaskConfig) -> Task:
+    """The GSM8K task, from ``config.path`` or the hub."""
+    return Task(
+        "gsm8k",
+        "number",
+        lambda split: examples_from_rows(load_rows("gsm8k", config.path, split, "openai/gsm8k", "main"), _example),
+    )

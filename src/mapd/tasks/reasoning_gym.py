@@ -1,0 +1,25 @@
+"""reasoning-gym generators (``reasoning_gym:<dataset>``): procedurally made questions, no download."""
+
+from mapd.errors import MapdError
+from mapd.tasks.base import Example, Task, TaskConfig
+
+
+def make(config: TaskConfig, dataset: str) -> Task:
+    """A task whose splits are generated: train with ``config.seed``, any other split with seed + 1."""
+    try:
+        import reasoning_gym
+    except ImportError:  # pragma: no cover - it is a dependency
+        raise MapdError("task reasoning_gym: the reasoning-gym package is not installed") from None
+
+    def load(split: str) -> list[Example]:
+        seed = config.seed if split == config.train_split else config.seed + 1
+        try:
+            items = reasoning_gym.create_dataset(dataset, size=config.size, seed=seed)
+        except Exception as exc:  # unknown dataset name or bad arguments
+            raise MapdError(f"task reasoning_gym:{dataset}: {exc}") from None
+        return [
+            Example(id=f"{split}-{index}", question=item["question"].strip(), gold=str(item["answer"]).strip())
+            for index, item in enumerate(items)
+        ]
+
+    return Task(f"reasoning_gym:{dataset}", config.answer_kind or "number", load)

@@ -1,0 +1,18 @@
+"""StrategyQA: yes/no questions that need implicit multi-step reasoning (hub: ChilleD/StrategyQA)."""
+
+from mapd.tasks.base import Example, bool_text, Task, TaskConfig, examples_from_rows, load_rows, require
+
+
+def _example(index: int, where: str, row: dict) -> Example:
+    question = require(row, "question", where)
+    gold = bool_text(require(row, "answer", where), where)
+    return Example(id=str(row.get("id", row.get("qid", index))), question=question.strip(), gold=gold)
+
+
+def make(config: TaskConfig) -> Task:
+    """The StrategyQA task, from ``config.path`` or the hub."""
+    return Task(
+        "strategyqa",
+        "bool",
+        lambda split: examples_from_rows(load_rows("strategyqa", config.path, split, "ChilleD/StrategyQA"), _example),
+    )

@@ -1,0 +1,90 @@
+"""The config: validation errors name the field and file; defaults are documented and valid."""
+
+import yaml
+import pytest
+
+from mapd.cli import main
+from mapd.config import RunConfig, default_config_yaml, embedded_default_config, load_config, parse_config, public_dump
+from mapd.errors import MapdError
+
+REPO_CONFIGS = ["configs/offline-default.yaml", "configs/paper-committee.yaml", "configs/vllm-committee.yaml"]
+
+
+@pytest.mark.parametrize("name", REPO_CONFIGS)
+def test_example_configs_are_valid(name):
+    from tests.conftest import REPO
+
+    config = load_config(REPO / name)
+    assert config.teachers, "every example config has a committee"
+
+
+def test_every_field_has_help_text():
+    def walk(model_type):
+        for name, info in model_type.model_fields.items():
+            assert info.description, f"{model_type.__name__}.{name} has no description"
+            annotation = info.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                walk(annotation)
+
+    walk(RunConfig)
+    from mapd.llm.base import TeacherConfig
+
+    walk(TeacherConfig)
+
+
+def test_config_show_round_trips(capsys):
+    assert main(["config", "--show"]) == 0
+    shown = capsys.readouterr().out
+    assert "# Sampling temperature" in shown
+    assert parse_config(yaml.safe_load(shown)) == embedded_default_config()
+    assert default_config_yaml(embedded_default_config()) == shown
+
+
+def test_unknown_field_names_field_and_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  alhpa: 0.3\n")
+    with pytest.raises(MapdError, match=r"c\.yaml: train\.alhpa"):
+        load_config(path)
+
+
+def test_mistyped_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("teachers:\n  - name: a\n    model: m\n    temperature: hot\n")
+    with pytest.raises(MapdError, match=r"teachers\.0\.temperature"):
+        load_config(path)
+
+
+def test_missing_required_teacher_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("teachers:\n  - name: a\n")
+    with pytest.raises(MapdError, match=r"teachers\.0\.model: Field required"):
+        load_config(path)
+
+
+def test_duplicate_teacher_names():
+    with pytest.raises(MapdError, match="repeated: a"):
+        parse_config({"teachers": [{"name": "a", "model": "x"}, {"name": "a", "model": "y"}]})
+
+
+def test_bad_yaml_and_missing_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("task: [unclosed\n")
+    with pytest.raises(MapdError, match="not valid YAML"):
+        load_config(path)
+    assert main(["mine", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mapd: error: {tmp_path / 'nope.yaml'}: config file not found"]
+
+
+def test_provider_inferred_and_unknown_teacher():
+    config = parse_config({"teachers": [{"name": "a", "model": "m", "base_url": "http://h/v1"}, {"name": "b", "model": "x"}]})
+    assert [t.provider for t in config.teachers] == ["openai", "local"]
+    with pytest.raises(MapdError, match="teacher 'c' is not in the config"):
+        config.teacher("c")
+
+
+def test_public_dump_redacts_url_credentials():
+    config = parse_config({"teachers": [{"name": "a", "model": "m", "base_url": "https://u:secretpw@h.example/v1?key=abc"}]})
+    dumped = public_dump(config)
+    assert "secretpw" not in str(dumped) and "abc" not in str(dumped)
+    assert dumped["teachers"][0]["base_url"] == "https://***@h.example/v1?***"
