@@ -1,0 +1,668 @@
+"""``mapd report``: a self-contained report.html (plots inline as PNG) and a short report.md.
+
+The input is a full ``mapd run`` folder (manifest.json + round-N/) or one round folder made by
+``mapd teach`` / ``mapd import-reference``. The report shows what is there and says plainly what
+is absent; artifacts may be mid-write, so a partial last JSONL line is dropped.
+
+Gold checks of rationales need the task's answer kind: it comes from manifest.json's task when
+present, else it is inferred from the golds (all true/false: bool; all single letters: choice;
+else number).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from mapd.errors import MapdError
+from mapd.io import _atomic_write_text, read_jsonl
+
+ROUND_FILES = [
+    "mistakes.jsonl", "feedback.jsonl", "rationales.jsonl", "teach_stats.json", "train.jsonl",
+    "model/train_log.jsonl", "eval_before/metrics.json", "eval_before/predictions.jsonl",
+    "eval_after/metrics.json", "eval_after/predictions.jsonl",
+]
+EVALS = {"eval_before": "before training", "eval_after": "after training"}
+SCORES = [1, 2, 3, 4, 5]
+N_WRONG_SHOWN = 3
+COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+
+
+# ---------------------------------------------------------------- document blocks
+
+@dataclass
+class Link:
+    """A table cell that links to a file relative to the run folder."""
+
+    text: str
+    href: str
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[Any]]
+    md: bool = True  # also in report.md
+
+
+@dataclass
+class Text:
+    text: str
+    md: bool = True
+
+
+@dataclass
+class Plot:
+    png: bytes
+    alt: str
+
+
+@dataclass
+class Html:
+    """Markup already escaped where needed; report.html only."""
+
+    html: str
+
+
+@dataclass
+class Section:
+    level: int
+    title: str
+    blocks: list[Table | Text | Plot | Html] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MapdError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise MapdError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load(path: Path) -> Any:
+    """Records of a JSONL file, the content of a JSON file, or None when the file is absent."""
+    if not path.is_file():
+        return None
+    return read_jsonl(path, partial_tail_ok=True) if path.suffix == ".jsonl" else _read_json(path)
+
+
+@dataclass
+class Round:
+    name: str
+    path: Path
+    files: dict[str, Any]  # relative file name -> content; absent files are missing
+
+    def get(self, name: str) -> Any:
+        return self.files.get(name)
+
+
+def _round_dirs(run_dir: Path) -> list[Path]:
+    numbered = [(int(m.group(1)), p) for p in run_dir.iterdir()
+                if p.is_dir() and (m := re.fullmatch(r"round-(\d+)", p.name))]
+    if numbered:
+        return [p for _, p in sorted(numbered)]
+    return [run_dir] if any((run_dir / name).exists() for name in ROUND_FILES) else []
+
+
+def _load_round(path: Path) -> Round:
+    files = {rel: content for rel in ROUND_FILES if (content := _load(path / rel)) is not None}
+    return Round(path.name, path, files)
+
+
+# ---------------------------------------------------------------- small helpers
+
+def _pct(part: float | None, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole and part is not None else "—"
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _short(text: str | None, limit: int = 160) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _valid_scores(reviews: list[dict]) -> list[tuple[str, int]]:
+    return [(r.get("reviewer"), r["score"]) for r in reviews if isinstance(r.get("score"), int)]
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _figure(width: float, height: float) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_subplot()
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig, ax
+
+
+def _teachers(rounds: list[Round], manifest: dict | None) -> list[str]:
+    """Teacher names: the manifest's committee order first, then any other name met in the artifacts."""
+    names = [t.get("name") for t in ((manifest or {}).get("config") or {}).get("teachers") or []]
+    for r in rounds:
+        for record in (r.get("feedback.jsonl") or []) + (r.get("rationales.jsonl") or []):
+            names.append(record.get("teacher"))
+            names.extend(review.get("reviewer") for review in record.get("reviews") or [])
+        names.extend(r.get("teach_stats.json") or {})
+    return [n for n in dict.fromkeys(names) if n]
+
+
+# ---------------------------------------------------------------- answer kind and gold check
+
+def answer_kind(manifest: dict | None, golds: list[str]) -> str:
+    """The task's answer kind: from the manifest's task config when it names one, else inferred from golds."""
+    task = ((manifest or {}).get("config") or {}).get("task")
+    if task:
+        from mapd.tasks import TaskConfig, get_task
+
+        try:
+            return get_task(TaskConfig.model_validate(task)).answer_kind
+        except (MapdError, ValueError):
+            pass  # an unknown or outdated task config: fall back to the golds
+    values = {str(g).strip().lower() for g in golds}
+    if values and values <= {"true", "false"}:
+        return "bool"
+    if values and all(len(v) == 1 and v.isalpha() for v in values):
+        return "choice"
+    return "number"
+
+
+def _rationale_right(record: dict, gold: str, kind: str) -> bool:
+    """Whether a rationale's own final answer equals the gold (extracted from its text if not recorded)."""
+    from mapd.answers import extract, is_correct
+
+    answer = record["answer"] if "answer" in record else extract(record["text"], kind).answer
+    return answer is not None and bool(is_correct(answer, gold, kind))
+
+
+# ---------------------------------------------------------------- sections of one round
+
+def _inventory(r: Round, run_dir: Path) -> Section:
+    rows = []
+    for rel in ROUND_FILES:
+        content = r.get(rel)
+        if content is None:
+            rows.append([rel, "absent"])
+        else:
+            href = (r.path / rel).relative_to(run_dir).as_posix()
+            size = f"{len(content):,} records" if isinstance(content, list) else "present"
+            rows.append([Link(rel, href), size])
+    return Section(3, "Files", [Table(["file", "status"], rows, md=False)])
+
+
+def _funnel(r: Round, questions: int | None) -> Section:
+    mistakes, feedback = r.get("mistakes.jsonl"), r.get("feedback.jsonl")
+    rationales, train = r.get("rationales.jsonl"), r.get("train.jsonl")
+    fed = None if feedback is None else [x for x in feedback if x.get("text") is not None]
+    written = None if rationales is None else [x for x in rationales if x.get("text") is not None]
+    accepted = None if written is None else [x for x in written if x.get("accepted")]
+    status, kinds = Counter(m.get("status") for m in mistakes or []), Counter(x.get("kind") for x in train or [])
+    stages = [  # (stage, records or None when the file is absent, file, note)
+        ("mistakes", mistakes, "mistakes.jsonl", f"{status['wrong']:,} wrong, {status['unparsed']:,} unparsed"),
+        ("feedback", fed, "feedback.jsonl", f"{len(feedback or []) - len(fed or []):,} failed"),
+        ("rationales", written, "rationales.jsonl", f"{len(rationales or []) - len(written or []):,} failed"),
+        ("accepted", accepted, "rationales.jsonl", f"{_pct(len(accepted or []), len(written or []))} of rationales"),
+        ("training pairs", train, "train.jsonl", f"{kinds['feedback']:,} feedback, {kinds['rationale']:,} rationale"),
+    ]
+    rows = [["questions", "not recorded" if questions is None else _num(questions), "—", ""]]
+    rows += [[name, "absent", "—", f"{file} absent"] if records is None
+             else [name, _num(len(records)), _num(len({x.get("id") for x in records})), note]
+             for name, records, file, note in stages]
+    shown = [("questions", questions)] if questions is not None else []
+    shown += [(name, len(records)) for name, records, _, _ in stages if records is not None]
+    blocks = [Table(["stage", "count", "mistakes covered", "note"], rows)]
+    if shown:
+        fig, ax = _figure(4.6, 0.4 * len(shown) + 0.7)
+        labels, counts = [n for n, _ in shown][::-1], [c for _, c in shown][::-1]
+        bars = ax.barh(labels, counts, color=COLORS[0])
+        ax.bar_label(bars, labels=[f"{c:,}" for c in counts], padding=3)
+        ax.set_xlabel("count")
+        ax.margins(x=0.12)
+        blocks.append(Plot(_png(fig), "funnel: counts per stage"))
+    return Section(3, "Funnel", blocks)
+
+
+def _teacher_table(r: Round, teachers: list[str]) -> Section:
+    feedback, rationales, stats = r.get("feedback.jsonl"), r.get("rationales.jsonl"), r.get("teach_stats.json")
+    if feedback is None and rationales is None and stats is None:
+        absent = "No teacher outputs: feedback.jsonl, rationales.jsonl and teach_stats.json are absent."
+        return Section(3, "Teachers", [Text(absent)])
+    rows = []
+    for t in teachers:
+        own = [x for x in rationales or [] if x.get("teacher") == t and x.get("text") is not None]
+        accepted = sum(bool(x.get("accepted")) for x in own)
+        received = [s for x in own for _, s in _valid_scores(x.get("reviews") or [])]
+        given = [s for x in rationales or [] for who, s in _valid_scores(x.get("reviews") or []) if who == t]
+        failures = (sum(x.get("teacher") == t and x.get("error") is not None for x in feedback or [])
+                    + sum(x.get("teacher") == t and x.get("error") is not None for x in rationales or [])
+                    + sum(v.get("reviewer") == t and v.get("error") is not None
+                          for x in rationales or [] for v in x.get("reviews") or []))
+        row = [t, _num(len(own)), _num(accepted), _pct(accepted, len(own)), _num(_mean(received)),
+               _num(_mean(given)), _num(failures)]
+        if stats is not None:
+            s = stats.get(t) or {}
+            row += [_num(s.get("calls")), _num(s.get("cache_hits")),
+                    f"{_num(s.get('input_tokens'))} / {_num(s.get('output_tokens'))}",
+                    "—" if s.get("cost_usd") is None else f"${s['cost_usd']:,.4f}",
+                    f"{_num(s.get('latency_p50_s'))} / {_num(s.get('latency_p95_s'))}"]
+        rows.append(row)
+    headers = ["teacher", "rationales", "accepted", "acceptance", "mean score received", "mean score given", "failures"]
+    if stats is not None:
+        headers += ["calls", "cache hits", "tokens in / out", "cost", "latency p50 / p95 s"]
+    blocks = [Table(headers, rows)]
+    notes = [name for name, x in
+             [("feedback.jsonl", feedback), ("rationales.jsonl", rationales), ("teach_stats.json", stats)] if x is None]
+    blocks.append(Text(" ".join(["Failures count feedback, rationale and review calls whose error is set.",
+                                 *([f"Absent: {', '.join(notes)}."] if notes else [])])))
+    return Section(3, "Teachers", blocks)
+
+
+def _alpha(matrix: np.ndarray) -> float | None:
+    """Krippendorff's alpha (ordinal, scores 1-5) of a reviewers x rationales matrix; None when undefined."""
+    import krippendorff
+
+    try:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value = krippendorff.alpha(reliability_data=matrix, level_of_measurement="ordinal", value_domain=SCORES)
+    except ValueError:  # no rationale scored by two reviewers
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def _peer_review(r: Round, teachers: list[str]) -> Section:
+    rationales = [x for x in r.get("rationales.jsonl") or [] if x.get("text") is not None]
+    reviews = [v for x in rationales for v in x.get("reviews") or []]
+    if not reviews:
+        what = "rationales.jsonl is absent" if r.get("rationales.jsonl") is None else "no rationale has a review"
+        return Section(3, "Peer review", [Text(f"No peer reviews: {what}.")])
+    reviewers = [t for t in teachers if any(v.get("reviewer") == t for v in reviews)]
+    counts = {who: Counter(v.get("score") if isinstance(v.get("score"), int) else None
+                           for v in reviews if v.get("reviewer") == who) for who in reviewers}
+
+    fig, ax = _figure(5.5, 2.8)
+    width = 0.8 / len(reviewers)
+    xs = np.arange(len(SCORES) + 1)
+    for i, who in enumerate(reviewers):
+        heights = [counts[who].get(s, 0) for s in SCORES] + [counts[who].get(None, 0)]
+        offset = (i - (len(reviewers) - 1) / 2) * width
+        ax.bar(xs + offset, heights, width, label=str(who), color=COLORS[i % len(COLORS)])
+    ax.set_xticks(xs, [str(s) for s in SCORES] + ["invalid"])
+    ax.set_xlabel("score given")
+    ax.set_ylabel("reviews")
+    ax.legend(title="reviewer", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    rows = [[who, *(_num(counts[who].get(s, 0)) for s in SCORES), _num(counts[who].get(None, 0))] for who in reviewers]
+    blocks = [Plot(_png(fig), "histogram of review scores per reviewer"),
+              Table(["reviewer", *map(str, SCORES), "invalid"], rows)]
+
+    matrix = np.full((len(reviewers), len(rationales)), np.nan)
+    for j, x in enumerate(rationales):
+        for who, score in _valid_scores(x.get("reviews") or []):
+            if who in reviewers:
+                matrix[reviewers.index(who), j] = score
+    overall = _alpha(matrix)
+    pairs = [[a, b, _num(_alpha(matrix[[i, k]]), 3)]
+             for i, a in enumerate(reviewers) for k, b in enumerate(reviewers) if i < k]
+    blocks.append(Text(
+        f"Agreement between reviewers, Krippendorff's alpha (ordinal; units = {len(rationales):,} rationales, "
+        f"coders = {len(reviewers)} reviewers, invalid or missing scores left out): "
+        + (f"{overall:.3f}." if overall is not None
+           else "undefined (no rationale scored by two reviewers, or no variation).")))
+    if pairs:
+        blocks.append(Table(["reviewer", "reviewer", "alpha"], pairs))
+    return Section(3, "Peer review", blocks)
+
+
+def _confusion(checked: list[tuple[dict, bool]]) -> tuple[int, int, int, int]:
+    """(accepted and right, accepted and wrong, rejected and right, rejected and wrong)."""
+    cells = Counter((bool(x.get("accepted")), right) for x, right in checked)
+    return cells[True, True], cells[True, False], cells[False, True], cells[False, False]
+
+
+def _gold_check(r: Round, kind: str) -> Section:
+    mistakes, rationales = r.get("mistakes.jsonl"), r.get("rationales.jsonl")
+    if mistakes is None or rationales is None:
+        absent = " and ".join(name for name in ("mistakes.jsonl", "rationales.jsonl") if r.get(name) is None)
+        return Section(3, "Peer review against the gold answer",
+                       [Text(f"Needs mistakes.jsonl (gold answers) and rationales.jsonl; {absent} absent.")])
+    golds = {m.get("id"): str(m["gold"]) for m in mistakes if m.get("gold") is not None}
+    checked = [(x, _rationale_right(x, golds[x.get("id")], kind)) for x in rationales
+               if x.get("text") is not None and x.get("id") in golds]
+    if not checked:
+        return Section(3, "Peer review against the gold answer", [Text("No rationale with a known gold answer.")])
+    counts = _confusion(checked)
+    acc_right, acc_wrong, rej_right, rej_wrong = counts
+    table = Table(["", "answer right", "answer wrong", "total"], [
+        ["accepted by review", _num(acc_right), _num(acc_wrong), _num(acc_right + acc_wrong)],
+        ["rejected by review", _num(rej_right), _num(rej_wrong), _num(rej_right + rej_wrong)],
+    ])
+    per = []
+    for t in dict.fromkeys(x.get("teacher") for x, _ in checked):
+        a_right, a_wrong, r_right, r_wrong = _confusion([(x, right) for x, right in checked if x.get("teacher") == t])
+        per.append([t, *map(_num, (a_right + a_wrong, a_wrong, r_right + r_wrong, r_right, a_right + r_right))])
+    text = (f"Each rationale's own final answer is compared with the mistake's gold answer (answer kind: {kind}). "
+            f"Accepted but wrong: {acc_wrong:,} ({_pct(acc_wrong, acc_right + acc_wrong)} of accepted); "
+            f"rejected but right: {rej_right:,} ({_pct(rej_right, rej_right + rej_wrong)} of rejected). "
+            f"Precision of acceptance {_pct(acc_right, acc_right + acc_wrong)}, "
+            f"recall {_pct(acc_right, acc_right + rej_right)}.")
+    return Section(3, "Peer review against the gold answer", [Text(text), table, Table(
+        ["teacher", "accepted", "accepted but wrong", "rejected", "rejected but right", "answer right"], per)])
+
+
+def _training(r: Round) -> Section:
+    log = r.get("model/train_log.jsonl")
+    if log is None:
+        return Section(3, "Training", [Text("model/train_log.jsonl is absent: this round has not been trained (yet).")])
+    log = [x for x in log if x.get("step") is not None]
+    keys = [k for k in ("loss", "loss_feedback", "loss_rationale") if any(x.get(k) is not None for x in log)]
+    if not keys:
+        return Section(3, "Training", [Text("model/train_log.jsonl holds no logged loss yet.")])
+    fig, ax = _figure(5.5, 2.8)
+    for i, key in enumerate(keys):
+        points = [(x["step"], x[key]) for x in log if x.get(key) is not None]
+        ax.plot(*zip(*points), label=key, color=COLORS[i], marker="." if len(points) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(frameon=False)
+    rows = [[k, _num(next(x[k] for x in log if x.get(k) is not None), 4),
+             _num(next(x[k] for x in reversed(log) if x.get(k) is not None), 4)] for k in keys]
+    return Section(3, "Training", [Text(f"{len(log):,} logged steps, last step {log[-1].get('step')}."),
+                                    Plot(_png(fig), "training loss per step"), Table(["loss", "first", "last"], rows)])
+
+
+def _e(value: Any) -> str:
+    """``value`` as escaped HTML text."""
+    return html.escape(str(value))
+
+
+def _pre(text: Any) -> str:
+    return f"<pre>{_e(text)}</pre>"
+
+
+def _details(summary: str, body: str) -> str:
+    return f"<details><summary>{_e(summary)}</summary>{body}</details>"
+
+
+def _wrong_predictions(predictions: list[dict]) -> Html:
+    wrong = [p for p in predictions if not p.get("correct")][:N_WRONG_SHOWN]
+    rows = "".join(
+        f"<tr><td>{_e(p.get('id'))}</td><td class='wrap'>{_e(_short(p.get('question')))}</td>"
+        f"<td>{_e(p.get('gold'))}</td><td>{_e(p.get('answer') or p.get('status'))}</td>"
+        f"<td>{_details('show', _pre(p.get('output')))}</td></tr>"
+        for p in wrong)
+    head = "".join(f"<th>{h}</th>" for h in ("id", "question", "gold", "answer", "output"))
+    return Html(f"<table><tr>{head}</tr>{rows}</table>")
+
+
+def _example(title: str, record: dict, mistake: dict | None) -> str:
+    """One rationale or feedback as a card: the question, the student's answer, the text, the reviews."""
+    reviews = record.get("reviews")
+    score = f", mean score {_e(_num(record.get('mean_score')))}" if reviews is not None else ""
+    out = [f"<div class='example wide'><h4>{_e(title)} by {_e(record.get('teacher'))}{score}</h4>"]
+    if mistake:
+        out.append(f"<p class='muted'>Question {_e(record.get('id'))} (gold {_e(mistake.get('gold'))}):</p>"
+                   + _pre(mistake.get("question")))
+        out.append(_details(f"student's answer ({mistake.get('answer')})", _pre(mistake.get("output"))))
+    out.append(f"<p class='muted'>{'Rationale' if reviews is not None else 'Feedback'}:</p>" + _pre(record["text"]))
+    if reviews:
+        body = "".join(
+            f"<p><b>{_e(v.get('reviewer'))}</b>: score {_e(_num(v.get('score')))}"
+            + (f" (error: {_e(v['error'])})" if v.get("error") else "") + "</p>"
+            + (_pre(v["raw"]) if v.get("raw") else "<p class='muted'>(no review text recorded)</p>")
+            for v in reviews)
+        scores = ", ".join(f"{v.get('reviewer')} {_num(v.get('score'))}" for v in reviews)
+        out.append(_details(f"{len(reviews)} reviews: {scores}", body))
+    return "".join(out) + "</div>"
+
+
+def _examples(r: Round) -> Section:
+    mistakes = {m.get("id"): m for m in r.get("mistakes.jsonl") or []}
+    written = [x for x in r.get("rationales.jsonl") or [] if x.get("text") is not None]
+    picks = [("Accepted rationale", next((x for x in written if x.get("accepted")), None)),
+             ("Rejected rationale", next((x for x in written if not x.get("accepted")), None)),
+             ("Feedback", next((x for x in r.get("feedback.jsonl") or [] if x.get("text") is not None), None))]
+    cards = [_example(title, record, mistakes.get(record.get("id"))) for title, record in picks if record is not None]
+    return Section(3, "Examples", [Html("".join(cards)) if cards else Text("No rationale or feedback yet.", md=False)])
+
+
+# ---------------------------------------------------------------- whole run
+
+def _eval_rows(rounds: list[Round], run_dir: Path) -> tuple[list[list[Any]], list[tuple[str, float]], list[Html]]:
+    rows, bars, samples = [], [], []
+    for r in rounds:
+        for folder, label in EVALS.items():
+            metrics, predictions = r.get(f"{folder}/metrics.json"), r.get(f"{folder}/predictions.jsonl")
+            if metrics is None and predictions is None:
+                continue
+            metrics = metrics or {}
+            link: Any = "absent"
+            if predictions is not None:
+                wrong = sum(not p.get("correct") for p in predictions)
+                link = Link(f"{wrong:,} wrong of {len(predictions):,}",
+                            (r.path / folder / "predictions.jsonl").relative_to(run_dir).as_posix())
+                samples.append(Html(f"<p class='muted'>{_e(r.name)}, {label}: first wrong predictions</p>"))
+                samples.append(_wrong_predictions(predictions))
+            accuracy = metrics.get("accuracy")
+            rows.append([r.name, label, _num(metrics.get("n")), _pct(accuracy, 1), _pct(metrics.get("strict_accuracy"), 1),
+                         _pct(metrics.get("unparsed_rate"), 1), _num(metrics.get("seconds"), 1), link])
+            if accuracy is not None:
+                bars.append((f"{r.name}\n{label.split()[0]}", accuracy))
+    return rows, bars, samples
+
+
+def _evaluation(rounds: list[Round], run_dir: Path) -> Section:
+    rows, bars, samples = _eval_rows(rounds, run_dir)
+    if not rows:
+        return Section(2, "Accuracy", [Text("No evaluation yet: no eval_before/ or eval_after/ folder.")])
+    blocks: list = []
+    if bars:
+        fig, ax = _figure(max(3.5, 1.3 * len(bars)), 2.8)
+        drawn = ax.bar([b for b, _ in bars], [100 * a for _, a in bars], color=COLORS[: len(bars)])
+        ax.bar_label(drawn, labels=[f"{100 * a:.1f}%" for _, a in bars], padding=2)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 105)
+        blocks.append(Plot(_png(fig), "accuracy before and after training"))
+    blocks.append(Table(["round", "model", "n", "accuracy", "strict", "unparsed", "seconds", "predictions"], rows))
+    return Section(2, "Accuracy", blocks + samples)
+
+
+def _manifest_section(manifest: dict | None) -> Section:
+    if manifest is None:
+        return Section(2, "Run", [Text("manifest.json is absent (a folder made by mapd teach or import-reference).")])
+    config = manifest.get("config") or {}
+    teachers = ", ".join(f"{t.get('name')} ({t.get('model')})" for t in config.get("teachers") or []) or "—"
+    versions = manifest.get("versions") or {}
+    facts = [("task", (config.get("task") or {}).get("name")), ("student", (config.get("student") or {}).get("model")),
+             ("teachers", teachers), ("rounds", config.get("rounds")),
+             ("build mode", (config.get("build") or {}).get("mode")),
+             ("seeds", ", ".join(f"{k} {v}" for k, v in (manifest.get("seeds") or {}).items())),
+             ("versions", ", ".join(f"{k} {versions[k]}" for k in ("mapd", "torch", "transformers") if k in versions)),
+             ("created", manifest.get("created")), ("finished", manifest.get("finished") or "not finished")]
+    blocks = [Table(["", ""], [[k, _num(v) if v else "—"] for k, v in facts])]
+    stages = [[str(entry.get("round", i)), name, str(record.get("status", "—")), _num(record.get("seconds"), 1)]
+              for i, entry in enumerate(manifest.get("rounds") or []) if isinstance(entry, dict)
+              for name, record in (entry.get("stages") or {}).items() if isinstance(record, dict)]
+    blocks.append(Table(["round", "stage", "status", "seconds"], stages) if stages else Text("No stage has started."))
+    return Section(2, "Run", blocks)
+
+
+def _stage_summary(manifest: dict | None, index: int, stage: str) -> dict:
+    """The summary the runner recorded for one stage of one round, or {}."""
+    rounds = (manifest or {}).get("rounds")
+    entry = rounds[index] if isinstance(rounds, list) and index < len(rounds) else None
+    entry = entry if isinstance(entry, dict) else {}
+    summary = ((entry.get("stages") or {}).get(stage) or {}).get("summary")
+    return summary if isinstance(summary, dict) else {}
+
+
+def _cards(rounds: list[Round], manifest: dict | None) -> list[tuple[str, str]]:
+    config = (manifest or {}).get("config") or {}
+    cards = []
+    if config.get("task"):
+        cards.append(("task", str(config["task"].get("name"))))
+    if config.get("student"):
+        cards.append(("student", str(config["student"].get("model")).removeprefix("embedded:")))
+    cards.append(("rounds", f"{len(rounds)}" + (f" of {config['rounds']}" if config.get("rounds") else "")))
+    totals = {name: sum(len(r.get(name) or []) for r in rounds) for name in ("mistakes.jsonl", "train.jsonl")}
+    written = [x for r in rounds for x in r.get("rationales.jsonl") or [] if x.get("text") is not None]
+    accepted = sum(bool(x.get("accepted")) for x in written)
+    if any(r.get("mistakes.jsonl") is not None for r in rounds):
+        cards.append(("mistakes", f"{totals['mistakes.jsonl']:,}"))
+    if any(r.get("rationales.jsonl") is not None for r in rounds):
+        cards.append(("rationales", f"{len(written):,}"))
+        cards.append(("accepted", f"{accepted:,} ({_pct(accepted, len(written))})"))
+    if any(r.get("train.jsonl") is not None for r in rounds):
+        cards.append(("training pairs", f"{totals['train.jsonl']:,}"))
+    before = next((r.get("eval_before/metrics.json") for r in rounds if r.get("eval_before/metrics.json")), None)
+    after = next((r.get("eval_after/metrics.json") for r in reversed(rounds) if r.get("eval_after/metrics.json")), None)
+    for label, metrics in (("accuracy before", before), ("accuracy after", after)):
+        if metrics and metrics.get("accuracy") is not None:
+            cards.append((label, _pct(metrics["accuracy"], 1)))
+    return cards
+
+
+def _sections(run_dir: Path) -> tuple[str, list[tuple[str, str]], list[Section]]:
+    """The report's title, header cards and sections for a run folder (shared by the HTML and Markdown writers)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MapdError(f"{run_dir}: run folder not found")
+    manifest = _load(run_dir / "manifest.json")
+    dirs = _round_dirs(run_dir)
+    single = dirs == [run_dir]
+    rounds = [_load_round(p) for p in dirs]
+    if manifest is None and not rounds:
+        raise MapdError(f"{run_dir}: not a run folder (no manifest.json, round-N/ folder, mistakes.jsonl, ...)")
+    golds = [str(m["gold"]) for r in rounds for m in r.get("mistakes.jsonl") or [] if m.get("gold") is not None]
+    kind = answer_kind(manifest, golds)
+    teachers = _teachers(rounds, manifest)
+
+    sections = [_manifest_section(manifest), _evaluation(rounds, run_dir)]
+    if not rounds:
+        sections.append(Section(2, "Rounds", [Text("No round has started: no round-N/ folder yet.")]))
+    for index, r in enumerate(rounds):
+        sections.append(Section(2, f"Round {r.name}" if single else r.name.replace("-", " ").capitalize()))
+        questions = _stage_summary(manifest, index, "mine").get("questions")
+        sections += [_funnel(r, questions), _teacher_table(r, teachers), _peer_review(r, teachers),
+                     _gold_check(r, kind), _training(r), _examples(r), _inventory(r, run_dir)]
+    return f"mapd report — {run_dir.resolve().name}", _cards(rounds, manifest), sections
+
+
+# ---------------------------------------------------------------- writers
+
+CSS = """
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; margin: 0; background: #f6f7f9; }
+main { max-width: 1100px; margin: 0 auto; padding: 24px 32px 64px; background: #fff; }
+h1 { font-size: 26px; margin: 0 0 16px; }
+h2 { border-bottom: 2px solid #e3e6ea; padding-bottom: 4px; margin-top: 40px; }
+h3 { margin-top: 28px; color: #34495e; } h4 { margin: 0 0 8px; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { background: #eef3f8; border-radius: 8px; padding: 10px 16px; min-width: 110px; }
+.card .label { font-size: 12px; text-transform: uppercase; color: #5b6b7b; letter-spacing: .04em; }
+.card .value { font-size: 20px; font-weight: 600; overflow-wrap: anywhere; }
+.flow { display: flex; flex-wrap: wrap; gap: 0 40px; align-items: flex-start; }
+.flow > p, .flow > .wide { flex: 1 1 100%; }
+table { border-collapse: collapse; margin: 10px 0; font-size: 14px; }
+th, td { border-bottom: 1px solid #e3e6ea; padding: 4px 10px; text-align: left; vertical-align: top; }
+td { white-space: nowrap; } td.wrap { white-space: normal; min-width: 240px; }
+th { background: #f3f5f7; }
+td:not(:first-child) { font-variant-numeric: tabular-nums; }
+img { max-width: 100%; display: block; margin: 8px 0; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f8fa; border-radius: 6px; padding: 8px 10px;
+      font-size: 13px; max-height: 320px; overflow-y: auto; margin: 4px 0; }
+details summary { cursor: pointer; color: #2c5d8f; }
+.example { border: 1px solid #e3e6ea; border-radius: 8px; padding: 12px 16px; margin: 12px 0; box-sizing: border-box; }
+.muted { color: #5b6b7b; margin: 6px 0 2px; }
+"""
+
+
+def _html_cell(cell: Any) -> str:
+    link = isinstance(cell, Link)
+    return f'<td><a href="{_e(cell.href)}">{_e(cell.text)}</a></td>' if link else f"<td>{_e(cell)}</td>"
+
+
+def _md_cell(cell: Any) -> str:
+    text = f"[{cell.text}]({cell.href})" if isinstance(cell, Link) else str(cell)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_row(cells: list[Any]) -> str:
+    return "| " + " | ".join(map(_md_cell, cells)) + " |"
+
+
+def _render_html(title: str, cards: list[tuple[str, str]], sections: list[Section]) -> str:
+    """The report as one self-contained HTML page."""
+    out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+           f"<style>{CSS}</style></head><body><main><h1>{_e(title)}</h1><div class='cards'>"]
+    out += [f"<div class='card'><div class='label'>{_e(k)}</div><div class='value'>{_e(v)}</div></div>"
+            for k, v in cards]
+    out.append("</div>")
+    for section in sections:
+        out.append(f"<h{section.level}>{_e(section.title)}</h{section.level}><div class='flow'>")
+        for block in section.blocks:
+            if isinstance(block, Table):
+                head = "".join(f"<th>{_e(h)}</th>" for h in block.headers)
+                body = "".join("<tr>" + "".join(map(_html_cell, row)) + "</tr>" for row in block.rows)
+                out.append(f"<table>{f'<tr>{head}</tr>' if any(block.headers) else ''}{body}</table>")
+            elif isinstance(block, Text):
+                out.append(f"<p>{_e(block.text)}</p>")
+            elif isinstance(block, Plot):
+                data = base64.b64encode(block.png).decode("ascii")
+                out.append(f'<img alt="{_e(block.alt)}" src="data:image/png;base64,{data}">')
+            else:
+                out.append(block.html)
+        out.append("</div>")
+    out.append("</main></body></html>\n")
+    return "\n".join(out)
+
+
+def _render_markdown(title: str, cards: list[tuple[str, str]], sections: list[Section]) -> str:
+    """The report's key numbers and tables in Markdown (plots and examples are in report.html)."""
+    out = [f"# {title}", "", "Plots and examples: [report.html](report.html).", "",
+           "| | |", "|---|---|", *(_md_row([k, v]) for k, v in cards)]
+    for section in sections:
+        blocks = [b for b in section.blocks if isinstance(b, (Table, Text)) and b.md]
+        if not blocks and section.level > 2:
+            continue
+        out += ["", f"{'#' * section.level} {section.title}"]
+        for block in blocks:
+            if isinstance(block, Text):
+                out += ["", block.text]
+            else:
+                out += ["", _md_row(block.headers), "|" + "---|" * len(block.headers), *map(_md_row, block.rows)]
+    return "\n".join(out) + "\n"
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.html`` (self-contained) and ``report.md`` into ``run_dir``; return the HTML path."""
+    run_dir = Path(run_dir)
+    title, cards, sections = _sections(run_dir)
+    _atomic_write_text(run_dir / "report.md", _render_markdown(title, cards, sections))
+    return _atomic_write_text(run_dir / "report.html", _render_html(title, cards, sections))
