@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from mapd.errors import MapdError
 
@@ -19,6 +20,18 @@ def redact_url(url: str) -> str:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = "***" if parts.query else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def split_credentials(url: str | None) -> tuple[str | None, dict[str, str] | None]:
+    """``(url without user:pass@, {"Authorization": "Basic ..."} or None)``: credentials written in a
+    base_url travel in a header (as HTTP clients send them), never in a URL that a library may log."""
+    parts = urlsplit(url or "")
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), {"Authorization": f"Basic {token}"}
 
 
 def redact_text(text: str, secrets: list[str] = ()) -> str:

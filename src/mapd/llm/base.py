@@ -20,7 +20,9 @@ class TeacherConfig(BaseModel):
     )
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1.")
     api_key_env: str | None = Field(
-        None, description="Name of the environment variable holding the API key (the key itself is never stored)."
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",  # a key pasted here by mistake is refused, never echoed
+        description="Name of the environment variable holding the API key, e.g. OPENAI_API_KEY "
+        "(the key itself is never stored).",
     )
     provider: Literal["openai", "local"] | None = Field(
         None, description="openai (any OpenAI-compatible endpoint) or local; inferred from base_url when unset."

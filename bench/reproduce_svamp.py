@@ -1,0 +1,156 @@
+"""Reproduce the paper's SVAMP ablations on CPU from the reference implementation's real teacher outputs.
+
+    python bench/reproduce_svamp.py --out runs/reproduce-svamp            # the whole table
+    python bench/reproduce_svamp.py --variants base method --eval-limit 50  # a quick look
+
+Imports ../shared/reference-data (real GPT-3.5 / Gemini / Mixtral feedback and peer-reviewed
+rationales for 387 SVAMP questions Llama-2-7B got wrong), builds one training set per variant,
+trains SmolLM2-135M-Instruct on each with identical settings, evaluates every student on the SVAMP
+test split and writes a Markdown table (accuracy with a 95 % Wilson interval, pairs, training time).
+Every variant is resumable: a finished one (its metrics.json exists) is skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from mapd.evaluate import run_eval
+from mapd.import_reference import import_reference
+from mapd.stages.build import run_build
+from mapd.tasks import TaskConfig
+from mapd.train import TrainConfig, run_train
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+STUDENT = "embedded:smollm2-135m-instruct"
+# variant -> (build mode, alpha); "base" is the untrained student
+VARIANTS = {
+    "base": (None, None),
+    "method": ("mixed", 0.5),
+    "no_review": ("no-review", 0.5),
+    "single_gpt": ("single:gpt", 0.5),
+    "single_gemini": ("single:gemini", 0.5),
+    "single_mistral": ("single:mistral", 0.5),
+    "no_feedback": ("mixed", 0.0),
+}
+LABELS = {
+    "base": "base student (no training)",
+    "method": "the method: mixed committee + peer review + feedback",
+    "no_review": "mixed, no peer review",
+    "single_gpt": "single teacher: gpt",
+    "single_gemini": "single teacher: gemini",
+    "single_mistral": "single teacher: mistral",
+    "no_feedback": "the method without feedback (alpha = 0)",
+}
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion."""
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def prepare_reference(out: Path) -> Path:
+    """Import the reference SVAMP files once into out/reference."""
+    reference = out / "reference"
+    if not (reference / "rationales.jsonl").exists():
+        data = SHARED / "reference-data"
+        import_reference(
+            "svamp",
+            data / "Llama-2-7b-chat-hf_svamp_false_round0.json",
+            data / "Llama-2-7b-chat-hf_svamp_feedback_round0.json",
+            data / "Llama-2-7b-chat-hf_svamp_rationale_round0.json",
+            reference,
+        )
+    return reference
+
+
+def run_variant(name: str, args: argparse.Namespace, reference: Path, train_config: TrainConfig) -> dict:
+    """Build, train and evaluate one variant (skipped when its metrics exist)."""
+    folder = args.out / name
+    result_path = folder / "result.json"
+    if result_path.exists():
+        print(f"{name}: done earlier, skipped")
+        return json.loads(result_path.read_text())
+    mode, alpha = VARIANTS[name]
+    result: dict = {"variant": name, "pairs": 0, "train_seconds": 0.0}
+    model = STUDENT
+    if mode is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for artifact in ("mistakes", "feedback", "rationales"):
+            shutil.copyfile(reference / f"{artifact}.jsonl", folder / f"{artifact}.jsonl")
+        run_build(folder, mode=mode, seed=args.seed, answer_kind="number")
+        trained = run_train(train_config.model_copy(update={"alpha": alpha}), STUDENT, folder / "train.jsonl", folder / "model")
+        result.update(pairs=trained["pairs"], train_seconds=round(trained["seconds"], 1), train_loss=trained["train_loss"])
+        model = str(folder / "model")
+    metrics = run_eval(
+        model=model, task_config=TaskConfig(name="svamp", path=str(SHARED / "data" / "svamp")), split="test",
+        limit=args.eval_limit, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
+        out_dir=folder / "eval",
+    )
+    correct = round(metrics["accuracy"] * metrics["n"])
+    low, high = wilson_interval(correct, metrics["n"])
+    result.update(n=metrics["n"], correct=correct, accuracy=metrics["accuracy"], ci_low=low, ci_high=high,
+                  strict_accuracy=metrics["strict_accuracy"], unparsed_rate=metrics["unparsed_rate"],
+                  eval_seconds=metrics["seconds"])
+    folder.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: list[dict]) -> str:
+    """The Markdown results table."""
+    lines = ["| variant | accuracy | 95 % interval | correct / n | training pairs | training time |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        minutes = f"{r['train_seconds'] / 60:.1f} min" if r["train_seconds"] else "—"
+        lines.append(
+            f"| {LABELS[r['variant']]} | {r['accuracy']:.1%} | {r['ci_low']:.1%} – {r['ci_high']:.1%} | "
+            f"{r['correct']} / {r['n']} | {r['pairs'] or '—'} | "
+            f"{minutes} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/reproduce-svamp"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--lora", action="store_true", help="LoRA instead of a full fine-tune.")
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--eval-limit", type=int, default=None, help="Only the first N test questions (default: all 300).")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=192)
+    parser.add_argument("--seed", type=int, default=731)
+    args = parser.parse_args()
+    if not (SHARED / "reference-data").is_dir():
+        sys.exit(f"{SHARED / 'reference-data'} is not here: this bench needs the reference data beside the repo")
+    train_config = TrainConfig(
+        num_train_epochs=args.epochs, max_steps=args.max_steps, lora=args.lora, learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, max_length=args.max_length,
+        seed=args.seed, save_steps=25,
+    )
+    start = time.perf_counter()
+    reference = prepare_reference(args.out)
+    results = [run_variant(name, args, reference, train_config) for name in args.variants]
+    settings = json.dumps({k: str(v) for k, v in vars(args).items()})
+    print(f"\nsettings: {settings}\nwall time: {(time.perf_counter() - start) / 60:.1f} min\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

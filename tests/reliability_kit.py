@@ -1,0 +1,132 @@
+"""Helpers shared by tests/test_reliability.py and bench/soak.py: a scripted committee on the local
+OpenAI-compatible server, `mapd` in a subprocess killed at chosen moments, and folder snapshots.
+
+    from tests.reliability_kit import CountingReply, write_teach_setup, run_killed, snapshot
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from mapd.io import write_jsonl
+from mapd.prompts import PromptConfig
+
+COMMITTEE = ("gpt", "gemini", "mistral")
+_REVIEW_MARK = PromptConfig().review.split("{")[0]
+_FEEDBACK_MARK = PromptConfig().feedback.split("{")[0]
+
+
+class CountingReply:
+    """The server's reply function: deterministic feedback, rationales ("The answer is 7.") and
+    reviews ("[4]"), and a count of the successful replies per distinct request (model, messages),
+    i.e. of the calls paid for."""
+
+    def __init__(self) -> None:
+        self.paid: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, messages: list[dict], model: str) -> str:
+        key = json.dumps([model, messages], sort_keys=True)
+        with self._lock:
+            self.paid[key] += 1
+        content = messages[-1]["content"]
+        if content.startswith(_REVIEW_MARK):
+            return f"{model} checked each step. [4]"
+        if content.startswith(_FEEDBACK_MARK):
+            return f"{model} explains: the student added instead of subtracting."
+        return f"{model} works it out step by step. The answer is 7."
+
+    @property
+    def duplicates(self) -> int:
+        """Successful replies beyond the first for the same request: calls paid twice."""
+        return sum(count - 1 for count in self.paid.values())
+
+
+def make_mistakes(n: int) -> list[dict]:
+    """``n`` mistakes.jsonl records with distinct questions (gold 7)."""
+    return [{"id": f"q{i}", "question": f"Question {i}: what is {i} + 7 - {i}?", "gold": "7",
+             "output": f"{i} + 7 = {i + 7}", "answer": str(i + 7), "status": "wrong"} for i in range(n)]
+
+
+def teacher_entries(base_url: str, key_env: str, names=COMMITTEE, **fields) -> list[dict]:
+    """Config entries of a committee served by one server (model ``model-<name>``)."""
+    return [{"name": name, "model": f"model-{name}", "base_url": base_url, "api_key_env": key_env, **fields}
+            for name in names]
+
+
+def write_teach_setup(folder: Path, base_url: str, key_env: str, n_mistakes: int, **fields) -> tuple[Path, Path]:
+    """config.yaml (svamp, the committee with ``fields``) and mistakes.jsonl in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"task": {"name": "svamp"}, "teachers": teacher_entries(base_url, key_env, **fields)}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    write_jsonl(folder / "mistakes.jsonl", make_mistakes(n_mistakes))
+    return folder / "config.yaml", folder / "mistakes.jsonl"
+
+
+def mapd_argv(*args: str) -> list[str]:
+    """The `mapd` command line, run with this interpreter."""
+    return [sys.executable, "-m", "mapd.cli", *args]
+
+
+def run_mapd(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `mapd` to completion, capturing its output."""
+    return subprocess.run(mapd_argv(*args), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_killed(args: list[str], when, env: dict | None = None, log: Path | None = None) -> bool:
+    """Start `mapd *args` and SIGKILL it ``when`` seconds later, or as soon as ``when()`` is true
+    (polled every 5 ms). True when it was killed, False when it had exited first. Its output is
+    appended to ``log`` (or dropped)."""
+    deadline = time.monotonic() + when if isinstance(when, (int, float)) else None
+    with open(log or os.devnull, "a") as sink:
+        process = subprocess.Popen(mapd_argv(*args), env=env, stdout=sink, stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            if (time.monotonic() >= deadline) if deadline is not None else when():
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return True
+            time.sleep(0.005)
+    return False
+
+
+def jsonl_problems(folder: Path) -> list[str]:
+    """Every *.jsonl under ``folder`` that has a line that is not a whole JSON object ending in a newline."""
+    problems = []
+    for path in sorted(folder.rglob("*.jsonl")):
+        text = path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):
+            problems.append(f"{path}: partial last line")
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                if not isinstance(json.loads(line), dict):
+                    raise ValueError
+            except ValueError:
+                problems.append(f"{path}:{number}: not a JSON object")
+    return problems
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """``{relative path: (sha256, mtime_ns)}`` of every file under ``folder``."""
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def wait_for(condition, timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``condition()`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()

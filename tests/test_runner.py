@@ -1,0 +1,100 @@
+"""`mapd run` end to end in seconds: a tiny student, a committee on the local test server."""
+
+import json
+
+import pytest
+import yaml
+
+from mapd.cli import main
+from mapd.io import read_jsonl, write_jsonl
+from tests.reliability_kit import CountingReply
+from tests.openai_server import FakeOpenAIServer
+
+
+def _questions(n: int, offset: int = 0) -> list[dict]:
+    return [{"id": f"q{i}", "question": f"What is {i} + 7 - {i}?", "answer": 7} for i in range(offset, offset + n)]
+
+
+@pytest.fixture()
+def run_config(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", _questions(6))
+    write_jsonl(data / "test.jsonl", _questions(4, offset=100))
+    server = FakeOpenAIServer(reply=CountingReply()).start()
+    config = {
+        "task": {"name": "jsonl", "path": str(data), "answer_kind": "number"},
+        "student": {"model": str(tiny_model_dir), "max_new_tokens": 8, "batch_size": 8},
+        "teachers": [
+            {"name": name, "model": name, "base_url": server.base_url, "max_tokens": 32} for name in ("gpt", "gemini")
+        ],
+        "train": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                  "max_length": 128, "save_steps": 1, "learning_rate": 1e-3},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    yield path, server
+    server.close()
+
+
+def test_run_every_stage_then_resume_without_calls(run_config, tmp_path, capsys):
+    config_path, server = run_config
+    out = tmp_path / "run"
+    assert main(["run", str(config_path), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    stages = manifest["rounds"][0]["stages"]
+    assert list(stages) == ["eval_before", "mine", "teach", "build", "train", "eval_after"]
+    assert all(stage["status"] == "done" for stage in stages.values())
+    assert manifest["versions"]["torch"] and manifest["seeds"]["train"] == 731
+    round_dir = out / "round-0"
+    mistakes = read_jsonl(round_dir / "mistakes.jsonl")
+    assert len(read_jsonl(round_dir / "feedback.jsonl")) == 2 * len(mistakes)
+    assert read_jsonl(round_dir / "train.jsonl")
+    assert (round_dir / "model" / "config.json").exists()
+    assert json.loads((round_dir / "eval_after" / "metrics.json").read_text())["n"] == 4
+    assert (out / "report.html").exists()
+    calls = server.requests
+    assert calls > 0
+
+    assert main(["run", str(config_path), "--out", str(out)]) == 0
+    assert server.requests == calls, "a finished run makes no teacher call when run again"
+    assert "done earlier, skipped" in capsys.readouterr().out
+
+
+def test_resume_after_a_crash_reruns_only_unfinished_stages(run_config, tmp_path, monkeypatch):
+    config_path, server = run_config
+    out = tmp_path / "run"
+    import mapd.stages.build as build
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "run_build", crash)
+    assert main(["run", str(config_path), "--out", str(out)]) == 130
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rounds"][0]["stages"]["teach"]["status"] == "done"
+    assert manifest["rounds"][0]["stages"]["build"]["status"] == "running"
+    calls = server.requests
+    monkeypatch.undo()
+    assert main(["run", str(config_path), "--out", str(out)]) == 0
+    assert server.requests == calls, "teacher calls are not paid twice after a crash"
+
+
+def test_changed_config_refuses_the_folder(run_config, tmp_path, capsys):
+    config_path, _ = run_config
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / "manifest.json").write_text(json.dumps({"manifest_version": 1, "rounds": [], "config": {"task": {}}}))
+    assert main(["run", str(config_path), "--out", str(out)]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_two_rounds(run_config, tmp_path):
+    config_path, _ = run_config
+    config = yaml.safe_load(config_path.read_text())
+    config["rounds"] = 2
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    assert main(["run", str(config_path), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["rounds"]) == 2
+    assert (out / "round-1" / "model" / "config.json").exists()
