@@ -54,9 +54,12 @@ def cmd_teach(args: argparse.Namespace) -> None:
 
 def cmd_build(args: argparse.Namespace) -> None:
     from mapd.stages.build import run_build
+    from mapd.tasks import get_task
 
     config = _config(args.config)
-    run_build(Path(args.run), mode=args.mode or config.build.mode, seed=config.build.seed)
+    answer_kind = get_task(config.task).answer_kind if args.config else None  # None: inferred from the golds
+    run_build(Path(args.run), mode=args.mode or config.build.mode, seed=config.build.seed,
+              prompts=config.prompts, answer_kind=answer_kind)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -1,8 +1,30 @@
-"""Joint-loss fine-tuning of the student: alpha * L_feedback + (1 - alpha) * L_rationale."""
+"""Joint-loss fine-tuning of the student: alpha * L_feedback + (1 - alpha) * L_rationale.
+
+Each term is the token-level mean cross-entropy over the completion tokens of that kind of pair
+in the micro-batch (prompt and padding tokens carry label -100). A micro-batch without a pair of
+one kind contributes 0 for that term (the other term keeps its weight; no renormalisation), so
+the expected loss over batches stays alpha-weighted. A kind whose weight is 0 is dropped from
+the data (alpha = 0: rationale pairs only; alpha = 1: feedback pairs only).
+
+Built on the transformers ``Trainer``, so ``accelerate launch`` with DeepSpeed or FSDP runs it
+unchanged. Pairs are tokenized with the student's chat template, padded per batch (right
+padding) and grouped by length. Checkpoints go to ``out_dir/checkpoint-N``; a rerun resumes
+from the last one. The trained model and tokenizer are saved in ``out_dir``.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
 from pydantic import BaseModel, Field
+
+from mapd.errors import MapdError
+from mapd.io import append_jsonl, read_jsonl, write_jsonl
+
+KINDS = ("feedback", "rationale")
 
 
 class TrainConfig(BaseModel):
@@ -11,7 +33,7 @@ class TrainConfig(BaseModel):
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the feedback loss; 0 trains on rationales only.")
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (constant after warm-up).")
     lr_scheduler_type: str = Field("constant_with_warmup", description="transformers scheduler name.")
-    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps spent warming up.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     num_train_epochs: float = Field(10, gt=0, description="Epochs over the instruction data.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
     per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per step.")
@@ -30,5 +52,261 @@ class TrainConfig(BaseModel):
     logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (training resumes from the last).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    group_by_length: bool = Field(
+        True, description="Batch pairs of similar length together, so dynamic padding adds few pad tokens."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about 30 % more time."
+    )
+    model_dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32",
+        description="Weights while training: float32 keeps full-precision weights (bf16 then runs as "
+        "mixed precision); bfloat16 halves their memory (pure bf16, for large students); auto: the checkpoint's.",
+    )
 
     model_config = {"extra": "forbid"}
+
+
+def load_pairs(path: Path, alpha: float) -> list[dict[str, Any]]:
+    """The train.jsonl records whose kind has a non-zero weight; bad records raise MapdError."""
+    records = read_jsonl(path)
+    if not records:
+        raise MapdError(f"{path}: no training pairs")
+    for number, record in enumerate(records, start=1):
+        where = f"{path} record {number}"
+        for key in ("id", "kind", "prompt", "completion"):
+            if key not in record:
+                raise MapdError(f"{where}: missing field '{key}'")
+        if record["kind"] not in KINDS:
+            raise MapdError(f"{where}: kind is {record['kind']!r}, expected feedback or rationale")
+        for key in ("prompt", "completion"):
+            if not isinstance(record[key], str) or not record[key].strip():
+                raise MapdError(f"{where}: field '{key}' must be non-empty text")
+    weights = {"feedback": alpha, "rationale": 1 - alpha}
+    pairs = [record for record in records if weights[record["kind"]] > 0]
+    if not pairs:
+        kept = "rationale" if alpha == 0 else "feedback"
+        raise MapdError(f"{path}: alpha={alpha} trains on {kept} pairs only, and the file has none")
+    return pairs
+
+
+def tokenize_pair(tokenizer, record: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """Token ids and labels of one pair: chat-templated prompt (labels -100) + completion + eos.
+
+    A pair longer than ``max_length`` loses the start of its prompt first (the end, which holds
+    the assistant turn marker, stays); a completion that alone leaves less than half of
+    ``max_length`` to the prompt is cut at its end instead.
+    """
+    from mapd.generation import render_prompt
+
+    prompt_text = render_prompt(tokenizer, [{"role": "user", "content": record["prompt"]}])
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+    completion = completion + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    budget = max(max_length - len(completion), min(len(prompt), max_length // 2))
+    prompt = prompt[max(0, len(prompt) - budget) :]
+    completion = completion[: max_length - len(prompt)]
+    return {
+        "input_ids": prompt + completion,
+        "attention_mask": [1] * (len(prompt) + len(completion)),
+        "labels": [-100] * len(prompt) + completion,
+        "is_feedback": record["kind"] == "feedback",
+    }
+
+
+class JointCollator:
+    """Pads a batch to its longest pair (labels with -100) and keeps each pair's kind."""
+
+    def __init__(self, tokenizer) -> None:
+        from transformers import DataCollatorForSeq2Seq
+
+        self.pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch = self.pad([{k: f[k] for k in ("input_ids", "attention_mask", "labels")} for f in features])
+        batch["is_feedback"] = torch.tensor([f["is_feedback"] for f in features])
+        return batch
+
+
+def kind_losses(logits, labels, is_feedback) -> dict[str, Any]:
+    """Mean next-token cross-entropy over the label tokens of each kind (0 for an absent kind).
+
+    Only positions with a label enter the softmax, which saves the memory and time of the
+    prompt and padding positions.
+    """
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:]
+    counted = targets != -100
+    token_loss = F.cross_entropy(logits[:, :-1][counted].float(), targets[counted], reduction="none")
+    feedback = is_feedback[:, None].expand_as(targets)[counted]
+    masks = {"feedback": feedback, "rationale": ~feedback}
+    return {kind: (token_loss * mask).sum() / mask.sum().clamp(min=1) for kind, mask in masks.items()}
+
+
+def make_trainer(config: TrainConfig, model, tokenizer, features: list[dict[str, Any]], out_dir: Path, bf16: bool):
+    """A transformers ``Trainer`` whose loss is the joint loss; it logs to ``out_dir``/train_log.jsonl."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class JointLossTrainer(Trainer):
+        loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides it by the accumulation steps
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.kind_history: dict[str, list] = {kind: [] for kind in KINDS}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            is_feedback, labels = inputs.pop("is_feedback"), inputs.pop("labels")
+            outputs = model(**inputs)
+            losses = kind_losses(outputs.logits, labels, is_feedback)
+            for kind, present in (("feedback", is_feedback.any()), ("rationale", (~is_feedback).any())):
+                if present and model.training:
+                    self.kind_history[kind].append(losses[kind].detach())
+            loss = config.alpha * losses["feedback"] + (1 - config.alpha) * losses["rationale"]
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs:  # per-kind means over the micro-batches since the last log (this process)
+                for kind, values in self.kind_history.items():
+                    if values:
+                        logs[f"loss_{kind}"] = round(sum(float(v) for v in values) / len(values), 4)
+                    values.clear()
+            super().log(logs, start_time)
+
+    class LogFile(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+            if state.is_world_process_zero and logs and "loss" in logs:
+                fields = ("epoch", "loss", "loss_feedback", "loss_rationale", "learning_rate")
+                append_jsonl(out_dir / "train_log.jsonl", [{"step": state.global_step} | {k: logs.get(k) for k in fields}])
+
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        seed=config.seed,
+        data_seed=config.seed,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of all steps
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        bf16=bf16,
+        activation_checkpointing=config.gradient_checkpointing,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        remove_unused_columns=False,
+        report_to="none",
+    )
+    return JointLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=features,
+        data_collator=JointCollator(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[LogFile()],
+    )
+
+
+def _resume_point(out_dir: Path, is_main: bool) -> str | None:
+    """The last complete checkpoint in ``out_dir`` (or None); train_log.jsonl is cut back to its step.
+
+    The Trainer writes trainer_state.json last, so a checkpoint without a readable one was cut
+    short by a kill and is passed over.
+    """
+    numbered = [p for p in out_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+    complete = [p for p in numbered if _readable_json(p / "trainer_state.json")]
+    last = str(max(complete, key=lambda p: int(p.name.split("-", 1)[1]))) if complete else None
+    step = int(last.rsplit("-", 1)[1]) if last else 0
+    log = out_dir / "train_log.jsonl"
+    if is_main and log.exists():
+        write_jsonl(log, [r for r in read_jsonl(log, partial_tail_ok=True) if r.get("step", 0) <= step])
+    return last
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _drop_gguf_mark(student, name: str) -> None:
+    """A GGUF student loads dequantized but still marked quantized; unmark it so it trains and saves as safetensors."""
+    quantizer = getattr(student, "hf_quantizer", None)
+    if quantizer is None or quantizer.quantization_config.quant_method != "gguf":
+        return
+    if getattr(quantizer, "packed_modules", None):
+        raise MapdError(
+            f"model {name}: its GGUF weights stay packed for fast inference (the kernels package is installed), "
+            "and packed weights cannot be trained; uninstall kernels for this run or convert the model to safetensors"
+        )
+    quantizer.remove_quantization_config(student)
+
+
+def prepare_trainer(config: TrainConfig, model: str, data: Path, out_dir: Path):
+    """Load the pairs and the student; return ``(trainer, pairs)``, the joint-loss Trainer ready to train."""
+    import torch
+    from transformers import set_seed
+
+    from mapd.generation import load_model
+
+    pairs = load_pairs(Path(data), config.alpha)
+    bf16 = config.bf16 if config.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    set_seed(config.seed)
+    dtype = config.model_dtype if config.model_dtype == "auto" else getattr(torch, config.model_dtype)
+    student, tokenizer = load_model(model, dtype=dtype)
+    _drop_gguf_mark(student, model)
+    tokenizer.padding_side = "right"
+    features = [tokenize_pair(tokenizer, pair, config.max_length) for pair in pairs]
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules,
+        )
+        student = get_peft_model(student, lora)
+    return make_trainer(config, student, tokenizer, features, Path(out_dir), bool(bf16)), pairs
+
+
+def run_train(config: TrainConfig, model: str, data: Path, out_dir: Path) -> dict[str, Any]:
+    """Fine-tune the student ``model`` on ``data`` (train.jsonl) with the joint loss; save it in ``out_dir``.
+
+    Resumes from the last checkpoint in ``out_dir``. Returns ``{steps, train_loss, seconds, pairs}``.
+    """
+    out_dir = Path(out_dir)
+    trainer, pairs = prepare_trainer(config, model, data, out_dir)
+    checkpoint = _resume_point(out_dir, trainer.is_world_process_zero())
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+
+    if config.lora and config.merge_lora:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(out_dir)
+            trainer.processing_class.save_pretrained(out_dir)
+    else:
+        trainer.save_model(str(out_dir))  # with the tokenizer; a LoRA adapter alone when merge_lora is off
+    kinds = {kind: sum(p["kind"] == kind for p in pairs) for kind in KINDS}
+    truncated = sum(len(f["input_ids"]) >= config.max_length for f in trainer.train_dataset)
+    resumed = f", resumed from {Path(checkpoint).name}" if checkpoint else ""
+    print(
+        f"train: {len(pairs)} pairs ({kinds['feedback']} feedback, {kinds['rationale']} rationale; "
+        f"{truncated} at max_length {config.max_length}), {trainer.state.global_step} steps{resumed}, "
+        f"loss {result.training_loss:.4f}, {seconds:.0f} s -> {out_dir}"
+    )
+    return {"steps": trainer.state.global_step, "train_loss": result.training_loss, "seconds": seconds, "pairs": len(pairs)}
