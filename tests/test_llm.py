@@ -148,7 +148,7 @@ def test_retries_are_bounded_and_a_failure_is_retried_next_run(cache):
 
 def test_thirty_percent_faults_all_complete(cache):
     n = 1000
-    with FakeOpenAIServer(fault_rate=0.3, seed=3, hang_s=1.2) as server:  # client and server share 2 busy cores:
+    with FakeOpenAIServer(fault_rate=0.3, seed=3, hang_s=2.0) as server:  # client and server share 2 busy cores:
         dispatcher, results = run([teacher(server, timeout_s=1.0, max_retries=10, max_concurrency=32)],  # 1 s timeout
                                   cache, calls_for("t", n))
     failed = Counter(r.error for r in results if r.text is None)

@@ -4,6 +4,12 @@ The ``openai`` client's own retries are off; tenacity retries 429, 408/409, 5xx,
 connection errors, unparseable replies and empty content, with exponential backoff and
 jitter, or the server's Retry-After when it sends one. A refusal is returned at once as a
 failed result. Whatever happens, ``complete`` returns a CallResult and never raises.
+
+The client is built for many calls at once: one ``openai.AsyncOpenAI`` per teacher, kept for
+the dispatcher's lifetime, on the SDK's aiohttp transport with a pool of ``max_concurrency``
+kept-alive connections. Requests go through ``client.post`` with plain JSON in and out, which
+skips the SDK's typed-parameter pass and response models: the same HTTP request and reply for
+about half the client's CPU time per call (docs/llm.md).
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
+import httpx2
 import openai
 from aiolimiter import AsyncLimiter
 from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential,
                       wait_random)
 
 from mapd.llm.base import CallResult, TeacherConfig
-from mapd.secrets import redact_text, redact_url
+from mapd.secrets import redact_text, redact_url, split_credentials
 
 log = logging.getLogger("mapd.llm")
 
@@ -75,13 +82,17 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class OpenAIProvider:
-    """Calls one OpenAI-compatible teacher. Create it inside the event loop that uses it."""
+    """Calls one OpenAI-compatible teacher. Create it inside the event loop that uses it, and keep it
+    for many calls: a new client's first requests pay for opening its connections."""
 
     def __init__(self, teacher: TeacherConfig, api_key: str, backoff: Backoff = Backoff()) -> None:
         self.teacher = teacher
         self._secrets = [api_key]
+        base_url, credentials = split_credentials(teacher.base_url)
+        pool = httpx2.Limits(max_connections=teacher.max_concurrency, max_keepalive_connections=teacher.max_concurrency)
         self._client = openai.AsyncOpenAI(
-            base_url=teacher.base_url, api_key=api_key, max_retries=0, timeout=teacher.timeout_s
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=teacher.timeout_s, default_headers=credentials,
+            http_client=openai.DefaultAioHttpClient(limits=pool),
         )
         self._backoff = backoff
         self._exponential = (wait_exponential(multiplier=backoff.initial_s, max=backoff.max_s)
@@ -123,26 +134,24 @@ class OpenAIProvider:
         if self._token_limiter:
             needed = approx_tokens(messages) + teacher.max_tokens
             await self._token_limiter.acquire(min(needed, teacher.tokens_per_minute))
-        response = await self._client.chat.completions.create(
-            model=teacher.model,
-            messages=messages,
-            temperature=teacher.temperature,
-            top_p=teacher.top_p,
-            max_tokens=teacher.max_tokens,
-            extra_body=teacher.extra_body or None,
-        )
-        if not response.choices:
+        body = {"model": teacher.model, "messages": messages, "temperature": teacher.temperature,
+                "top_p": teacher.top_p, "max_tokens": teacher.max_tokens, **teacher.extra_body}
+        reply = await self._client.post("/chat/completions", body=body, cast_to=object)  # the JSON reply as is
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        if not choices:
             raise UnusableReply("the reply has no choices")
-        choice = response.choices[0]
-        usage = response.usage
-        tokens = (usage.prompt_tokens, usage.completion_tokens) if usage else (approx_tokens(messages), 0)
-        refusal = getattr(choice.message, "refusal", None)
-        if refusal or choice.finish_reason == "content_filter":
+        choice = choices[0]
+        message = choice.get("message") or {}
+        usage = reply.get("usage")
+        tokens = ((usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)) if usage
+                  else (approx_tokens(messages), 0))
+        refusal = message.get("refusal")
+        if refusal or choice.get("finish_reason") == "content_filter":
             reason = refusal or "finish_reason is content_filter"
             return CallResult(None, self._describe_text(f"Refusal: {reason}"), *tokens)
-        text = choice.message.content
-        if not text or not text.strip():
-            raise UnusableReply(f"empty content (finish_reason {choice.finish_reason})")
+        text = message.get("content")
+        if not isinstance(text, str) or not text.strip():
+            raise UnusableReply(f"empty content (finish_reason {choice.get('finish_reason')})")
         if not usage:
             tokens = (tokens[0], len(text) // 4 + 1)
         return CallResult(text, None, *tokens)
@@ -162,7 +171,15 @@ class OpenAIProvider:
         )
 
     def _describe(self, exc: BaseException | None) -> str:
-        return self._describe_text(f"{type(exc).__name__}: {exc}")
+        """``Type: message``, plus the underlying error's when there is one: the SDK's aiohttp transport
+        reports a refused connection as "APITimeoutError: Request timed out." and the cause says what happened."""
+        text = f"{type(exc).__name__}: {exc}"
+        root = exc
+        while root is not None and root.__cause__ is not None:
+            root = root.__cause__
+        if root is not exc:
+            text += f" ({type(root).__name__}: {root})"
+        return self._describe_text(text)
 
     def _describe_text(self, text: str) -> str:
         """``text`` cut to 500 characters with the key and the endpoint's credentials removed."""

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from mapd.answers import is_correct
 from mapd.errors import MapdError
-from mapd.llm.base import Call
+from mapd.llm.base import Call, CallResult
 from mapd.prompts import ANSWER_FORMATS, PromptConfig
 
 if TYPE_CHECKING:  # config.py imports this module: keep its imports light
@@ -82,6 +82,46 @@ def reviewers(teacher: str, committee: list[str], config: ReviewConfig) -> list[
     return [other for other in committee if other != teacher][: config.max_reviewers]
 
 
+def review_calls(
+    record: dict, mistake: dict, committee: list[str], prompts: PromptConfig, config: ReviewConfig, *, answer_kind: str
+) -> list[Call]:
+    """The calls that review one rationale record of ``mistake``: one per reviewer, none for a failed rationale."""
+    if record["text"] is None:
+        return []
+    messages = prompts.messages(
+        prompts.review, question=mistake["question"], rationale=record["text"], gold=mistake["gold"],
+        answer_format=ANSWER_FORMATS[answer_kind],
+    )
+    return [Call(teacher=reviewer, messages=messages) for reviewer in reviewers(record["teacher"], committee, config)]
+
+
+def review_records(
+    rationales: list[dict],
+    mistakes: list[dict],
+    calls: list[list[Call]],
+    results: list[CallResult],
+    config: ReviewConfig,
+    *,
+    answer_kind: str,
+) -> list[dict]:
+    """``rationales`` with ``reviews``, ``mean_score`` and ``accepted``; ``calls[i]`` are the review calls of
+    ``rationales[i]`` and ``results`` the results of all of them, in that order."""
+    by_id = {mistake["id"]: mistake for mistake in mistakes}
+    replies = iter(results)
+    out = []
+    for record, own_calls in zip(rationales, calls, strict=True):
+        own = []
+        for call, result in zip(own_calls, replies):
+            score = None if result.text is None else parse_score(result.text)
+            own.append({"reviewer": call.teacher, "score": score, "raw": result.text, "error": result.error})
+        mean_score, accepted = accept([r["score"] for r in own], config)
+        if config.require_gold_answer:
+            accepted = accepted and is_correct(record["answer"], by_id[record["id"]]["gold"], answer_kind)
+        accepted = accepted and record["text"] is not None
+        out.append({**record, "reviews": own, "mean_score": mean_score, "accepted": accepted})
+    return out
+
+
 def review(
     rationales: list[dict],
     mistakes: list[dict],
@@ -96,31 +136,7 @@ def review(
     by_id = {mistake["id"]: mistake for mistake in mistakes}
     committee = list(dict.fromkeys(record["teacher"] for record in rationales))
     check_committee(committee, config)
-    jobs = []  # (rationale index, reviewer)
-    calls = []
-    for index, record in enumerate(rationales):
-        if record["text"] is None:
-            continue
-        mistake = by_id[record["id"]]
-        for reviewer in reviewers(record["teacher"], committee, config):
-            jobs.append((index, reviewer))
-            messages = prompts.messages(
-                prompts.review, question=mistake["question"], rationale=record["text"], gold=mistake["gold"],
-                answer_format=ANSWER_FORMATS[answer_kind],
-            )
-            calls.append(Call(teacher=reviewer, messages=messages))
-    results = dispatcher.run(calls, desc="review")
-    reviews: dict[int, list[dict]] = {}
-    for (index, reviewer), result in zip(jobs, results):
-        score = None if result.text is None else parse_score(result.text)
-        verdict = {"reviewer": reviewer, "score": score, "raw": result.text, "error": result.error}
-        reviews.setdefault(index, []).append(verdict)
-    out = []
-    for index, record in enumerate(rationales):
-        own = reviews.get(index, [])
-        mean_score, accepted = accept([r["score"] for r in own], config)
-        if config.require_gold_answer:
-            accepted = accepted and is_correct(record["answer"], by_id[record["id"]]["gold"], answer_kind)
-        accepted = accepted and record["text"] is not None
-        out.append({**record, "reviews": own, "mean_score": mean_score, "accepted": accepted})
-    return out
+    calls = [review_calls(record, by_id[record["id"]], committee, prompts, config, answer_kind=answer_kind)
+             for record in rationales]
+    results = dispatcher.run([call for own in calls for call in own], desc="review")
+    return review_records(rationales, mistakes, calls, results, config, answer_kind=answer_kind)

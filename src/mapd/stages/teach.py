@@ -2,9 +2,9 @@
 
 The three stages are pure functions (mapd.stages.feedback, .rationales, .review); this module
 reads and writes the files around them. Feedback and rationales do not depend on each other, so
-their calls go to the dispatcher together; the reviews follow once the rationales exist. Every
-call goes through the call cache, so a rerun (or a run resumed after a crash) pays only for
-the calls not yet made.
+their calls go to the dispatcher together, and each rationale's reviews start as soon as that
+rationale arrives (no stage waits for the slowest call of the one before). Every call goes through
+the call cache, so a rerun (or a run resumed after a crash) pays only for the calls not yet made.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 from mapd.config import RunConfig
 from mapd.errors import MapdError
 from mapd.io import read_jsonl, write_json, write_jsonl
-from mapd.llm import CallCache, Dispatcher
+from mapd.llm import Call, CallCache, CallResult, Dispatcher
 from mapd.stages.feedback import feedback_calls, feedback_records
 from mapd.stages.rationales import rationale_calls, rationale_records
-from mapd.stages.review import check_committee, review
+from mapd.stages.review import check_committee, review_calls, review_records
 from mapd.tasks import get_task
 
 REQUIRED = ("id", "question", "gold", "output")
@@ -45,20 +45,33 @@ def read_mistakes(path: Path) -> list[dict]:
 
 def teach(mistakes: list[dict], config: RunConfig, dispatcher: Dispatcher, answer_kind: str) -> tuple[list, list]:
     """(feedback records, reviewed rationale records) for ``mistakes``, no files involved. Feedback and
-    rationale calls go to ``dispatcher`` in one batch (they are independent); the reviews follow."""
+    rationale calls go to ``dispatcher`` in one batch (they are independent), and each rationale's reviews
+    start as soon as that rationale arrives."""
     teachers = [teacher.name for teacher in config.teachers]
+    check_committee(teachers, config.review)
     first = feedback_calls(mistakes, answer_kind, teachers, config.prompts)
     second = rationale_calls(mistakes, answer_kind, teachers, config.prompts)
-    results = dispatcher.run(first + second, desc="feedback + rationales")
+    reviews: list[list[Call]] = [[] for _ in second]  # the review calls of each rationale
+
+    def then(index: int, result: CallResult) -> list[Call]:
+        if index < len(first):
+            return []
+        position = index - len(first)
+        mistake, teacher = mistakes[position // len(teachers)], teachers[position % len(teachers)]
+        text = result.text
+        if text is None and dispatcher.dry_run:  # not written yet: reviewed at its longest (~4 characters a token)
+            text = f"{teacher} on {mistake['id']}: ".ljust(4 * config.teacher(teacher).max_tokens, ".")
+        draft = {"teacher": teacher, "text": text}
+        reviews[position] = review_calls(draft, mistake, teachers, config.prompts, config.review,
+                                         answer_kind=answer_kind)
+        return reviews[position]
+
+    results = dispatcher.run(first + second, desc="feedback + rationales + reviews", then=then)
+    done = len(first) + len(second)
     feedback = feedback_records(mistakes, teachers, results[: len(first)])
-    rationales = rationale_records(mistakes, answer_kind, teachers, results[len(first) :])
-    if dispatcher.dry_run:  # a rationale not written yet counts at its longest (~4 characters a token) in reviews
-        rationales = [
-            r if r["text"] is not None
-            else {**r, "text": f"{r['teacher']} on {r['id']}: ".ljust(4 * config.teacher(r["teacher"]).max_tokens, ".")}
-            for r in rationales
-        ]
-    return feedback, review(rationales, mistakes, dispatcher, config.prompts, config.review, answer_kind=answer_kind)
+    rationales = rationale_records(mistakes, answer_kind, teachers, results[len(first) : done])
+    return feedback, review_records(rationales, mistakes, reviews, results[done:], config.review,
+                                    answer_kind=answer_kind)
 
 
 def _print_estimate(dispatcher: Dispatcher) -> None:
@@ -92,7 +105,8 @@ def run_teach(config: RunConfig, mistakes_path: Path, out_dir: Path, *, dry_run:
         if dry_run and not cache_path.exists():  # nothing cached yet, and a dry run leaves no file behind
             cache_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "cache.sqlite"
         cache = stack.enter_context(CallCache(cache_path))
-        dispatcher = Dispatcher(config.teachers, cache, max_budget_usd=config.max_budget_usd, dry_run=dry_run)
+        dispatcher = stack.enter_context(
+            Dispatcher(config.teachers, cache, max_budget_usd=config.max_budget_usd, dry_run=dry_run))
         if dry_run:  # keys are not needed to estimate
             teach(mistakes, config, dispatcher, answer_kind)
             _print_estimate(dispatcher)
