@@ -72,7 +72,7 @@ def make_manifest(run_dir: Path, rounds: int) -> None:
                    "teachers": [{"name": t, "model": f"{t}-model"} for t in TEACHERS], "rounds": rounds,
                    "build": {"mode": "mixed"}},
         "versions": {"mapd": "0.1.0"}, "seeds": {"train": 731},
-        "rounds": [{"round": i, "stages": {"mine": {**stage, "summary": {"questions": 10, "wrong": 3, "unparsed": 1}},
+        "rounds": [{"round": i, "stages": {"mine": {**stage, "summary": {"n": 10, "wrong": 3, "unparsed": 1}},
                                            "teach": stage, "train": stage}} for i in range(rounds)],
     })
 

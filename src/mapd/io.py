@@ -49,7 +49,7 @@ def _dumps(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
-def _atomic_write_text(path: str | Path, text: str) -> Path:
+def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def _atomic_write_text(path: str | Path, text: str) -> Path:
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write all records to ``path`` atomically: readers see the old file or the new one."""
-    return _atomic_write_text(path, "".join(_dumps(record) + "\n" for record in records))
+    return write_text_atomic(path, "".join(_dumps(record) + "\n" for record in records))
 
 
 def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
@@ -84,4 +84,4 @@ def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write one JSON document atomically, pretty-printed."""
-    return _atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

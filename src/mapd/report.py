@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mapd.errors import MapdError
-from mapd.io import _atomic_write_text, read_jsonl
+from mapd.io import write_text_atomic, read_jsonl
 
 ROUND_FILES = [
     "mistakes.jsonl", "feedback.jsonl", "rationales.jsonl", "teach_stats.json", "train.jsonl",
@@ -569,7 +569,7 @@ def _sections(run_dir: Path) -> tuple[str, list[tuple[str, str]], list[Section]]
         sections.append(Section(2, "Rounds", [Text("No round has started: no round-N/ folder yet.")]))
     for index, r in enumerate(rounds):
         sections.append(Section(2, f"Round {r.name}" if single else r.name.replace("-", " ").capitalize()))
-        questions = _stage_summary(manifest, index, "mine").get("questions")
+        questions = _stage_summary(manifest, index, "mine").get("n")
         sections += [_funnel(r, questions), _teacher_table(r, teachers), _peer_review(r, teachers),
                      _gold_check(r, kind), _training(r), _examples(r), _inventory(r, run_dir)]
     return f"mapd report — {run_dir.resolve().name}", _cards(rounds, manifest), sections
@@ -664,5 +664,5 @@ def write_report(run_dir: Path) -> Path:
     """Write ``report.html`` (self-contained) and ``report.md`` into ``run_dir``; return the HTML path."""
     run_dir = Path(run_dir)
     title, cards, sections = _sections(run_dir)
-    _atomic_write_text(run_dir / "report.md", _render_markdown(title, cards, sections))
-    return _atomic_write_text(run_dir / "report.html", _render_html(title, cards, sections))
+    write_text_atomic(run_dir / "report.md", _render_markdown(title, cards, sections))
+    return write_text_atomic(run_dir / "report.html", _render_html(title, cards, sections))
