@@ -8,12 +8,11 @@ committee is gpt, gemini and mistral; acceptance is recomputed here with mapd's 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mapd.errors import MapdError
-from mapd.io import write_jsonl
+from mapd.io import read_json, write_jsonl
 from mapd.stages.rationales import rationale_record
 from mapd.stages.review import ReviewConfig, accept
 from mapd.tasks import TaskConfig, get_task
@@ -28,14 +27,7 @@ NO_ANSWER = "absolute_wrong_final_ans"  # the reference's marker for "no answer 
 
 def _load(path: Path) -> list[dict]:
     """A reference JSON file: a list of objects."""
-    if not path.is_file():
-        raise MapdError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MapdError(f"{path}: not a JSON file ({exc})") from None
-    if not isinstance(data, list):
-        raise MapdError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    data = read_json(path, list)
     for index, record in enumerate(data):
         if not isinstance(record, dict):
             raise MapdError(f"{path}: record {index}: expected an object, got {type(record).__name__}")

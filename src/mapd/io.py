@@ -45,6 +45,20 @@ def read_jsonl(path: str | Path, *, partial_tail_ok: bool = False) -> list[dict[
     return records
 
 
+def read_json(path: str | Path, expected: type = dict) -> Any:
+    """Read one JSON document of the ``expected`` type (dict or list); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MapdError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MapdError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, expected):
+        raise MapdError(f"{path}: expected a JSON {'object' if expected is dict else 'list'}, got {type(data).__name__}")
+    return data
+
+
 def _dumps(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import re
 import statistics
@@ -27,7 +26,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mapd.errors import MapdError
-from mapd.io import write_text_atomic, read_jsonl
+from mapd.io import read_json, read_jsonl, write_text_atomic
 
 ROUND_FILES = [
     "mistakes.jsonl", "feedback.jsonl", "rationales.jsonl", "teach_stats.json", "train.jsonl",
@@ -85,21 +84,12 @@ class Section:
 
 # ---------------------------------------------------------------- reading
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MapdError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise MapdError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
 
 def _load(path: Path) -> Any:
     """Records of a JSONL file, the content of a JSON file, or None when the file is absent."""
     if not path.is_file():
         return None
-    return read_jsonl(path, partial_tail_ok=True) if path.suffix == ".jsonl" else _read_json(path)
+    return read_jsonl(path, partial_tail_ok=True) if path.suffix == ".jsonl" else read_json(path, dict)
 
 
 @dataclass
