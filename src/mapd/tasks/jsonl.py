@@ -1,7 +1,10 @@
 """Your own JSONL file: name the question, answer, options and id fields and the answer kind."""
 
 from mapd.errors import MapdError
-from mapd.tasks.base import CHOICE_LETTERS, Example, Task, TaskConfig, examples_from_rows, format_options, load_rows, require, bool_text
+from mapd.tasks.base import (
+    CHOICE_LETTERS, Example, Task, TaskConfig, bool_text, examples_from_rows, format_options, load_rows, number_text,
+    require, require_options, require_text,
+)
 
 
 def _choice_letter(gold, options: list[str], where: str, field: str) -> str:
@@ -26,17 +29,17 @@ def make(config: TaskConfig) -> Task:
         raise MapdError("task jsonl: answer_kind 'choice' needs task.options_field")
 
     def convert(index: int, where: str, row: dict) -> Example:
-        question = str(require(row, config.question_field, where)).strip()
+        question = require_text(row, config.question_field, where)
         gold = require(row, config.answer_field, where)
         options = None
         if kind == "choice":
-            options = [str(o).strip() for o in require(row, config.options_field, where)]
+            options = require_options(row, config.options_field, where)
             gold = _choice_letter(gold, options, where, config.answer_field)
             question = format_options(question, options)
         elif kind == "bool":
             gold = bool_text(gold, where)
         else:
-            gold = str(gold).replace(",", "").strip()
+            gold = number_text(gold, where)
         example_id = str(require(row, config.id_field, where)) if config.id_field else str(index)
         return Example(id=example_id, question=question, gold=gold, options=options)
 

@@ -1,7 +1,7 @@
 """reasoning-gym generators (``reasoning_gym:<dataset>``): procedurally made questions, no download."""
 
 from mapd.errors import MapdError
-from mapd.tasks.base import Example, Task, TaskConfig
+from mapd.tasks.base import Example, Task, TaskConfig, bool_text, number_text
 
 
 def make(config: TaskConfig, dataset: str) -> Task:
@@ -11,6 +11,11 @@ def make(config: TaskConfig, dataset: str) -> Task:
     except ImportError:  # pragma: no cover - it is a dependency
         raise MapdError("task reasoning_gym: the reasoning-gym package is not installed") from None
 
+    kind = config.answer_kind or "number"
+    if kind == "choice":
+        raise MapdError(f"task reasoning_gym:{dataset}: answer_kind 'choice' needs options, which generated tasks lack")
+    gold_text = number_text if kind == "number" else bool_text
+
     def load(split: str) -> list[Example]:
         seed = config.seed if split == config.train_split else config.seed + 1
         try:
@@ -18,8 +23,9 @@ def make(config: TaskConfig, dataset: str) -> Task:
         except Exception as exc:  # unknown dataset name or bad arguments
             raise MapdError(f"task reasoning_gym:{dataset}: {exc}") from None
         return [
-            Example(id=f"{split}-{index}", question=item["question"].strip(), gold=str(item["answer"]).strip())
+            Example(id=f"{split}-{index}", question=item["question"].strip(),
+                    gold=gold_text(item["answer"], f"reasoning_gym:{dataset}[{split}] item {index}"))
             for index, item in enumerate(items)
         ]
 
-    return Task(f"reasoning_gym:{dataset}", config.answer_kind or "number", load)
+    return Task(f"reasoning_gym:{dataset}", kind, load)

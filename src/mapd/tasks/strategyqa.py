@@ -1,12 +1,12 @@
 """StrategyQA: yes/no questions that need implicit multi-step reasoning (hub: ChilleD/StrategyQA)."""
 
-from mapd.tasks.base import Example, bool_text, Task, TaskConfig, examples_from_rows, load_rows, require
+from mapd.tasks.base import Example, Task, TaskConfig, bool_text, examples_from_rows, load_rows, require, require_text
 
 
 def _example(index: int, where: str, row: dict) -> Example:
-    question = require(row, "question", where)
+    question = require_text(row, "question", where)
     gold = bool_text(require(row, "answer", where), where)
-    return Example(id=str(row.get("id", row.get("qid", index))), question=question.strip(), gold=gold)
+    return Example(id=str(row.get("id", row.get("qid", index))), question=question, gold=gold)
 
 
 def make(config: TaskConfig) -> Task:

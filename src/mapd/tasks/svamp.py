@@ -1,24 +1,19 @@
 """SVAMP: one- and two-step arithmetic word problems with a numeric answer (hub: ChilleD/SVAMP)."""
 
 from mapd.errors import MapdError
-from mapd.tasks.base import Example, Task, TaskConfig, examples_from_rows, load_rows, require
-
-
-def _number_text(value) -> str:
-    """145.0 -> "145"; other values as written."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
+from mapd.tasks.base import Example, Task, TaskConfig, examples_from_rows, load_rows, number_text, require_text
 
 
 def _example(index: int, where: str, row: dict) -> Example:
-    question = row.get("question") or row.get("question_concat")
-    if question is None:  # the original SVAMP layout
-        question = f"{require(row, 'Body', where).strip()} {require(row, 'Question', where).strip()}"
+    key = next((key for key in ("question", "question_concat") if row.get(key) is not None), None)
+    if key is None:  # the original SVAMP layout
+        question = f"{require_text(row, 'Body', where)} {require_text(row, 'Question', where)}"
+    else:
+        question = require_text(row, key, where)
     gold = row.get("final", row.get("Answer"))
     if gold is None:
         raise MapdError(f"{where}: missing field 'final' (or 'Answer')")
-    return Example(id=str(row.get("id", row.get("ID", index))), question=question.strip(), gold=_number_text(gold))
+    return Example(id=str(row.get("id", row.get("ID", index))), question=question, gold=number_text(gold, where))
 
 
 def make(config: TaskConfig) -> Task:
