@@ -10,9 +10,9 @@ from mapd.errors import MapdError
 
 
 def _config(path: str | None):
-    from mapd.config import RunConfig, load_config
+    from mapd.config import embedded_default_config, load_config
 
-    return load_config(path) if path else RunConfig()
+    return load_config(path) if path else embedded_default_config()
 
 
 def _task_config(args: argparse.Namespace):

@@ -147,6 +147,7 @@ def run(config_path: str | None, out: Path | None = None) -> Path:
                     model=model, task_config=config.task, split=config.task.test_split,
                     limit=config.task.test_limit, batch_size=config.student.batch_size,
                     max_new_tokens=config.student.max_new_tokens, out_dir=folder, prompts=config.prompts,
+                    gguf_file=config.student.gguf_file if model == config.student.model else None,
                 )
 
             if round_index == 0:
