@@ -169,9 +169,9 @@ def run(config_path: str | None, out: Path | None = None) -> Path:
             _run_stage(manifest, round_index, "eval_after", [round_dir / "eval_after" / "metrics.json"],
                        lambda: evaluate(str(model_dir), round_dir / "eval_after"))
             student = str(model_dir)
-        report = write_report(run_dir)
         manifest.data["finished"] = _now()
         manifest.save()
+        report = write_report(run_dir)
         print(f"mapd: run complete: {run_dir} (report: {report})")
         return run_dir
     finally:
