@@ -20,8 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from mapd.evaluate import run_eval
 from mapd.import_reference import import_reference
+from mapd.io import read_jsonl
+from mapd.report import COLORS
 from mapd.stages.build import run_build
 from mapd.tasks import TaskConfig
 from mapd.train import TrainConfig, run_train
@@ -122,6 +126,34 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_losses(out: Path, variants: list[str], window: int = 5) -> Path | None:
+    """One panel per loss kind, one line per trained variant (running mean over ``window`` logged
+    steps: a step's loss is that of 8 pairs, noisy) -> out/loss_curves.png."""
+    logs = {name: read_jsonl(out / name / "model" / "train_log.jsonl") for name in variants
+            if (out / name / "model" / "train_log.jsonl").exists()}
+    if not logs:
+        return None
+    fig = Figure(figsize=(11, 3.6))
+    panels = fig.subplots(1, 2, sharey=True)
+    for panel, key in zip(panels, ("loss_feedback", "loss_rationale")):
+        for i, (name, log) in enumerate(logs.items()):
+            points = [(x["step"], x[key]) for x in log if x.get(key) is not None]
+            if not points:
+                continue
+            steps, losses = zip(*points)
+            smooth = [sum(losses[max(0, j - window + 1): j + 1]) / len(losses[max(0, j - window + 1): j + 1])
+                      for j in range(len(losses))]
+            panel.plot(steps, smooth, label=name, color=COLORS[i % len(COLORS)])
+        panel.set_title(f"{key} (running mean of {window} logged steps)")
+        panel.set_xlabel("optimizer step")
+        panel.spines[["top", "right"]].set_visible(False)
+    panels[0].set_ylabel("cross-entropy per target token")
+    panels[1].legend(frameon=False, fontsize=8)
+    path = out / "loss_curves.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce-svamp"))
@@ -150,6 +182,11 @@ def main() -> None:
     settings = json.dumps({k: str(v) for k, v in vars(args).items()})
     print(f"\nsettings: {settings}\nwall time: {(time.perf_counter() - start) / 60:.1f} min\n")
     print(table(results))
+    (args.out / "results.json").write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)},
+                                                       "results": results}, indent=2))
+    plot = plot_losses(args.out, [name for name in args.variants if VARIANTS[name][0] is not None])
+    if plot:
+        print(f"\nloss curves: {plot}")
 
 
 if __name__ == "__main__":

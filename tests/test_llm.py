@@ -74,6 +74,15 @@ def test_cache_key_ignores_endpoint_and_key_but_not_sampling():
     assert cache_key(base, call) != cache_key(base.model_copy(update={"temperature": 0.1}), call)
 
 
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_request_carries_the_chosen_token_limit_field(cache, field):
+    with FakeOpenAIServer() as server:
+        run([teacher(server, max_tokens=77, max_tokens_field=field)], cache, calls_for("t", 1))
+    [body] = server.bodies
+    assert body[field] == 77
+    assert {"max_tokens", "max_completion_tokens"} - {field} - set(body) == {"max_tokens", "max_completion_tokens"} - {field}
+
+
 @pytest.mark.parametrize("content", [b"this is not a database, just text" * 100, None, "old-version"])
 def test_damaged_or_foreign_cache_is_a_clear_error_and_kept(tmp_path, content):
     path = tmp_path / "c.sqlite"

@@ -28,7 +28,7 @@ from tests.reliability_kit import (COMMITTEE, CountingReply, jsonl_problems, mak
                                    run_mapd, snapshot, teacher_entries, wait_for, write_teach_setup)
 
 from mapd.cli import main
-from mapd.io import read_jsonl, write_jsonl
+from mapd.io import folder_lock, read_jsonl, write_jsonl
 from mapd.llm import CallCache, CallResult, Dispatcher
 from mapd.llm.openai_provider import Backoff
 
@@ -330,6 +330,26 @@ def test_bad_input_is_one_clear_line_and_deletes_nothing(tmp_path, monkeypatch, 
     assert {path: after.get(path) for path in before} == before  # every earlier file as it was
 
 
+@pytest.mark.parametrize("command", [
+    ["mine", "--out", "{out}"],
+    ["teach", "--config", "{config}", "--mistakes", "{out}/mistakes.jsonl", "--out", "{out}"],
+    ["build", "--run", "{out}"],
+    ["train", "--data", "{out}/train.jsonl", "--out", "{out}"],
+    ["import-reference", "--task", "svamp", "--mistakes", "{out}/false.json", "--out", "{out}"],
+], ids=lambda argv: argv[0])
+def test_a_stage_refuses_a_folder_another_command_is_writing(tmp_path, capfd, command):
+    out = tmp_path / "out"
+    write_jsonl(out / "mistakes.jsonl", make_mistakes(2))
+    argv = [arg.format(out=out, config=_config(tmp_path, "http://127.0.0.1:9/v1")) for arg in command]
+    with folder_lock(out):
+        before = snapshot(out)
+        capfd.readouterr()
+        assert main(argv) == 2
+    assert capfd.readouterr().err == f"mapd: error: {out}: another mapd command is writing this folder; " \
+                                      "wait for it or choose another one\n"
+    assert snapshot(out) == before
+
+
 # -- secrets -----------------------------------------------------------------------------------
 
 
@@ -401,8 +421,8 @@ def test_a_second_run_on_the_same_folder_refuses_and_the_first_finishes(tmp_path
                 before = snapshot(run)
                 second = run_mapd("run", str(tmp_path / "run.yaml"), "--out", str(run))
                 assert second.returncode == 2 and second.stdout == ""
-                assert second.stderr == f"mapd: error: {run}: another mapd run is writing this folder; " \
-                                        "wait for it or choose another --out\n"
+                assert second.stderr == f"mapd: error: {run}: another mapd command is writing this folder; " \
+                                        "wait for it or choose another one\n"
                 assert snapshot(run) == before
             finally:
                 answering.set()

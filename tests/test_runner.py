@@ -88,6 +88,22 @@ def test_changed_config_refuses_the_folder(run_config, tmp_path, capsys):
     assert "different config" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("model", ["student", "local teacher"])
+def test_a_missing_local_model_is_refused_before_any_stage(run_config, tmp_path, capsys, model):
+    config_path, server = run_config
+    config = yaml.safe_load(config_path.read_text())
+    missing = str(tmp_path / "no-such-model")
+    if model == "student":
+        config["student"]["model"] = missing
+    else:
+        config["teachers"].append({"name": "local", "model": missing, "provider": "local"})
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    assert main(["run", str(config_path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"mapd: error: model {missing}: no such folder\n"
+    assert not out.exists() and server.requests == 0
+
+
 def test_two_rounds(run_config, tmp_path):
     config_path, _ = run_config
     config = yaml.safe_load(config_path.read_text())

@@ -386,13 +386,18 @@ def test_cli_build_and_train(tiny_model, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_gguf_student_trains_and_saves_safetensors(tmp_path):
+@pytest.mark.parametrize("form", ["embedded name", "folder + gguf_file"])
+def test_gguf_student_trains_and_saves_safetensors(tmp_path, form):
     from transformers import AutoModelForCausalLM
+
+    from mapd.models import resolve_model
 
     data = write_jsonl(tmp_path / "train.jsonl", pairs(2))
     config = TrainConfig(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_length=48)
     try:
-        result = run_train(config, "embedded:smollm2-135m-instruct", data, tmp_path / "model")
+        model = ("embedded:smollm2-135m-instruct", None) if form == "embedded name" else \
+            resolve_model("embedded:smollm2-135m-instruct")  # a folder holding the .gguf file
+        result = run_train(config, model[0], data, tmp_path / "model", gguf_file=model[1])
     except MapdError as exc:
         pytest.skip(str(exc))
     assert result["steps"] == 2 and result["pairs"] == 4

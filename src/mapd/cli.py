@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from mapd.errors import MapdError
+from mapd.io import folder_lock
 
 
 def _config(path: str | None):
@@ -42,14 +45,16 @@ def cmd_mine(args: argparse.Namespace) -> None:
     config = _config(args.config)
     from mapd.stages.mine import run_mine
 
-    run_mine(config, Path(args.out))
+    with folder_lock(args.out):
+        run_mine(config, Path(args.out))
 
 
 def cmd_teach(args: argparse.Namespace) -> None:
     config = _config(args.config)
     from mapd.stages.teach import run_teach
 
-    run_teach(config, Path(args.mistakes), Path(args.out), dry_run=args.dry_run)
+    with folder_lock(args.out):
+        run_teach(config, Path(args.mistakes), Path(args.out), dry_run=args.dry_run)
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -58,8 +63,9 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     config = _config(args.config)
     answer_kind = get_task(config.task).answer_kind if args.config else None  # None: inferred from the golds
-    run_build(Path(args.run), mode=args.mode or config.build.mode, seed=config.build.seed,
-              prompts=config.prompts, answer_kind=answer_kind)
+    with folder_lock(args.run):
+        run_build(Path(args.run), mode=args.mode or config.build.mode, seed=config.build.seed,
+                  prompts=config.prompts, answer_kind=answer_kind)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -70,7 +76,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.lora:
         overrides["lora"] = True
     train_config = config.train.model_copy(update=overrides)
-    run_train(train_config, model=args.model or config.student.model, data=Path(args.data), out_dir=Path(args.out))
+    gguf_file = args.gguf_file if args.model else config.student.gguf_file
+    # under `accelerate launch` every process runs this command on the same folder: no lock there
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    with nullcontext() if distributed else folder_lock(args.out):
+        run_train(train_config, model=args.model or config.student.model, data=Path(args.data), out_dir=Path(args.out),
+                  gguf_file=gguf_file)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -82,8 +93,9 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_import_reference(args: argparse.Namespace) -> None:
     from mapd.import_reference import import_reference
 
-    import_reference(args.task, Path(args.mistakes), args.feedback and Path(args.feedback),
-                     args.rationale and Path(args.rationale), Path(args.out))
+    with folder_lock(args.out):
+        import_reference(args.task, Path(args.mistakes), args.feedback and Path(args.feedback),
+                         args.rationale and Path(args.rationale), Path(args.out))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -134,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="Fine-tune the student on train.jsonl with the joint loss.")
     p.add_argument("--model", help="Student (default: the config's).")
+    p.add_argument("--gguf-file", help="GGUF file name inside the --model folder or hub repo, if any.")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--config")

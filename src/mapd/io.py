@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from mapd.errors import MapdError
 
@@ -99,3 +102,20 @@ def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
 def write_json(path: str | Path, data: Any) -> Path:
     """Write one JSON document atomically, pretty-printed."""
     return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+@contextmanager
+def folder_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold ``folder/.lock`` while writing into ``folder`` (created if needed); a second mapd
+    command on the same folder gets a MapdError at once instead of interleaving writes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise MapdError(f"{folder}: another mapd command is writing this folder; wait for it or choose another one") from None
+    try:
+        yield folder
+    finally:
+        lock.release()

@@ -17,11 +17,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from mapd.config import RunConfig, embedded_default_config, load_config, public_dump
 from mapd.errors import MapdError
-from mapd.io import write_json
+from mapd.io import folder_lock, write_json
+from mapd.models import resolve_model
 
 MANIFEST_VERSION = 1
 PACKAGES = ("mapd", "torch", "transformers", "datasets", "peft", "accelerate", "openai", "pydantic")
@@ -127,14 +126,13 @@ def run(config_path: str | None, out: Path | None = None) -> Path:
             "(see configs/paper-committee.yaml)."
         )
     run_dir = out or default_run_dir(config_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
     answer_kind = get_task(config.task).answer_kind
-    lock = FileLock(str(run_dir / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise MapdError(f"{run_dir}: another mapd run is writing this folder; wait for it or choose another --out") from None
-    try:
+    # a mistyped local model path fails now, not after the stages before the one that loads it
+    resolve_model(config.student.model, config.student.gguf_file)
+    for teacher in config.teachers:
+        if teacher.provider == "local":
+            resolve_model(teacher.model, teacher.gguf_file)
+    with folder_lock(run_dir):
         manifest = Manifest(run_dir, config)
         if config.cache_path is None:
             config = config.model_copy(update={"cache_path": str(run_dir / "cache.sqlite")})
@@ -165,7 +163,8 @@ def run(config_path: str | None, out: Path | None = None) -> Path:
                                          prompts=config.prompts, answer_kind=answer_kind))
             model_dir = round_dir / "model"
             _run_stage(manifest, round_index, "train", [model_dir / "config.json"],
-                       lambda: run_train(config.train, model=student, data=round_dir / "train.jsonl", out_dir=model_dir))
+                       lambda: run_train(config.train, model=student, data=round_dir / "train.jsonl", out_dir=model_dir,
+                                         gguf_file=config.student.gguf_file if student == config.student.model else None))
             _run_stage(manifest, round_index, "eval_after", [round_dir / "eval_after" / "metrics.json"],
                        lambda: evaluate(str(model_dir), round_dir / "eval_after"))
             student = str(model_dir)
@@ -174,5 +173,3 @@ def run(config_path: str | None, out: Path | None = None) -> Path:
         report = write_report(run_dir)
         print(f"mapd: run complete: {run_dir} (report: {report})")
         return run_dir
-    finally:
-        lock.release()

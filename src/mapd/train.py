@@ -253,7 +253,7 @@ def _drop_gguf_mark(student, name: str) -> None:
     quantizer.remove_quantization_config(student)
 
 
-def prepare_trainer(config: TrainConfig, model: str, data: Path, out_dir: Path):
+def prepare_trainer(config: TrainConfig, model: str, data: Path, out_dir: Path, gguf_file: str | None = None):
     """Load the pairs and the student; return ``(trainer, pairs)``, the joint-loss Trainer ready to train."""
     import torch
     from transformers import set_seed
@@ -264,7 +264,7 @@ def prepare_trainer(config: TrainConfig, model: str, data: Path, out_dir: Path):
     bf16 = config.bf16 if config.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     set_seed(config.seed)
     dtype = config.model_dtype if config.model_dtype == "auto" else getattr(torch, config.model_dtype)
-    student, tokenizer = load_model(model, dtype=dtype)
+    student, tokenizer = load_model(model, gguf_file, dtype=dtype)
     _drop_gguf_mark(student, model)
     tokenizer.padding_side = "right"
     features = [tokenize_pair(tokenizer, pair, config.max_length) for pair in pairs]
@@ -282,13 +282,14 @@ def prepare_trainer(config: TrainConfig, model: str, data: Path, out_dir: Path):
     return make_trainer(config, student, tokenizer, features, Path(out_dir), bool(bf16)), pairs
 
 
-def run_train(config: TrainConfig, model: str, data: Path, out_dir: Path) -> dict[str, Any]:
-    """Fine-tune the student ``model`` on ``data`` (train.jsonl) with the joint loss; save it in ``out_dir``.
+def run_train(config: TrainConfig, model: str, data: Path, out_dir: Path, gguf_file: str | None = None) -> dict[str, Any]:
+    """Fine-tune the student ``model`` (with ``gguf_file``, a GGUF file inside it) on ``data`` (train.jsonl)
+    with the joint loss; save it in ``out_dir``.
 
     Resumes from the last checkpoint in ``out_dir``. Returns ``{steps, train_loss, seconds, pairs}``.
     """
     out_dir = Path(out_dir)
-    trainer, pairs = prepare_trainer(config, model, data, out_dir)
+    trainer, pairs = prepare_trainer(config, model, data, out_dir, gguf_file)
     checkpoint = _resume_point(out_dir, trainer.is_world_process_zero())
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)

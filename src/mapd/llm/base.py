@@ -31,6 +31,11 @@ class TeacherConfig(BaseModel):
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature (the paper: 0.8).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling top-p.")
     max_tokens: int = Field(512, ge=1, description="Maximum new tokens per reply (the paper: 512).")
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens",
+        description="Request field that carries max_tokens: OpenAI's reasoning models (o-series, gpt-5) "
+        "accept only max_completion_tokens.",
+    )
     max_concurrency: int = Field(8, ge=1, description="Requests in flight at once (local: batch size).")
     requests_per_minute: float | None = Field(None, gt=0, description="Optional request rate limit.")
     tokens_per_minute: float | None = Field(None, gt=0, description="Optional token rate limit (prompt + max_tokens).")

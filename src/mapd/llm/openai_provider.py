@@ -135,7 +135,7 @@ class OpenAIProvider:
             needed = approx_tokens(messages) + teacher.max_tokens
             await self._token_limiter.acquire(min(needed, teacher.tokens_per_minute))
         body = {"model": teacher.model, "messages": messages, "temperature": teacher.temperature,
-                "top_p": teacher.top_p, "max_tokens": teacher.max_tokens, **teacher.extra_body}
+                "top_p": teacher.top_p, teacher.max_tokens_field: teacher.max_tokens, **teacher.extra_body}
         reply = await self._client.post("/chat/completions", body=body, cast_to=object)  # the JSON reply as is
         choices = reply.get("choices") if isinstance(reply, dict) else None
         if not choices:
