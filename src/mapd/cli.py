@@ -53,7 +53,7 @@ def cmd_teach(args: argparse.Namespace) -> None:
     config = _config(args.config)
     from mapd.stages.teach import run_teach
 
-    with folder_lock(args.out):
+    with nullcontext() if args.dry_run else folder_lock(args.out):  # a dry run writes nothing
         run_teach(config, Path(args.mistakes), Path(args.out), dry_run=args.dry_run)
 
 
