@@ -112,16 +112,37 @@ def run_variant(name: str, args: argparse.Namespace, reference: Path, train_conf
     return result
 
 
-def table(results: list[dict]) -> str:
-    """The Markdown results table."""
-    lines = ["| variant | accuracy | 95 % interval | correct / n | training pairs | training time |",
-             "|---|---|---|---|---|---|"]
+def mcnemar(first: dict[str, bool], second: dict[str, bool]) -> tuple[int, int, float]:
+    """Paired comparison on the same questions: ``(only first right, only second right, exact
+    two-sided McNemar p-value)`` (a binomial test on the discordant questions)."""
+    only_first = sum(first[q] and not second[q] for q in first)
+    only_second = sum(second[q] and not first[q] for q in first)
+    n, k = only_first + only_second, min(only_first, only_second)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return only_first, only_second, p
+
+
+def correctness(out: Path, variant: str) -> dict[str, bool]:
+    """Question id -> whether the variant's student answered it correctly."""
+    return {r["id"]: bool(r["correct"]) for r in read_jsonl(out / variant / "eval" / "predictions.jsonl")}
+
+
+def table(results: list[dict], out: Path) -> str:
+    """The Markdown results table; the last column compares each variant with the method question by question."""
+    names = {r["variant"] for r in results}
+    method = correctness(out, "method") if "method" in names else None
+    lines = ["| variant | accuracy | 95 % interval | correct / n | training pairs | training time | "
+             "vs. the method: only method right / only this right, McNemar p |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         minutes = f"{r['train_seconds'] / 60:.1f} min" if r["train_seconds"] else "—"
+        paired = "—"
+        if method is not None and r["variant"] != "method":
+            only_method, only_this, p = mcnemar(method, correctness(out, r["variant"]))
+            paired = f"{only_method} / {only_this}, p = {p:.2g}"
         lines.append(
             f"| {LABELS[r['variant']]} | {r['accuracy']:.1%} | {r['ci_low']:.1%} – {r['ci_high']:.1%} | "
-            f"{r['correct']} / {r['n']} | {r['pairs'] or '—'} | "
-            f"{minutes} |"
+            f"{r['correct']} / {r['n']} | {r['pairs'] or '—'} | {minutes} | {paired} |"
         )
     return "\n".join(lines)
 
@@ -181,7 +202,7 @@ def main() -> None:
     results = [run_variant(name, args, reference, train_config) for name in args.variants]
     settings = json.dumps({k: str(v) for k, v in vars(args).items()})
     print(f"\nsettings: {settings}\nwall time: {(time.perf_counter() - start) / 60:.1f} min\n")
-    print(table(results))
+    print(table(results, args.out))
     (args.out / "results.json").write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)},
                                                        "results": results}, indent=2))
     plot = plot_losses(args.out, [name for name in args.variants if VARIANTS[name][0] is not None])
