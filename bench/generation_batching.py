@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from mapd.config import PromptConfig, TaskConfig
 from mapd.generation import generate, load_model
-from mapd.prompts import PromptConfig
-from mapd.tasks import TaskConfig, get_task
+from mapd.prompts import answer_messages
+from mapd.tasks import get_task
 
 
 def timed(model, tokenizer, prompts, batch_size: int, max_new_tokens: int):
@@ -42,7 +43,7 @@ def main() -> None:
 
     task = get_task(TaskConfig(name="svamp", path=args.data))
     examples = task.load(args.split, args.n)
-    prompts = [PromptConfig().answer_messages(example.question, task.answer_kind) for example in examples]
+    prompts = [answer_messages(PromptConfig(), example.question, task.answer_kind) for example in examples]
     model, tokenizer = load_model(args.model)
     print(f"{args.model} ({model.dtype}), {len(prompts)} SVAMP questions, max_new_tokens {args.max_new_tokens}, "
           f"{torch.get_num_threads()} threads")

@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO))  # for tests.openai_server
 
 from tests.openai_server import FakeOpenAIServer  # noqa: E402
 
-from mapd.llm import Call, CallCache, CallResult, Dispatcher, TeacherConfig  # noqa: E402
+from mapd.config import TeacherConfig  # noqa: E402
+from mapd.llm import Call, CallCache, CallKey, CallResult, Dispatcher  # noqa: E402
 from mapd.llm.openai_provider import Backoff  # noqa: E402
 
 FAST = Backoff(initial_s=0.01, max_s=0.1, jitter_s=0.01)
@@ -34,10 +35,10 @@ os.environ.setdefault("MAPD_BENCH_KEY", "sk-bench-0123456789")
 
 def timed_run(server: FakeOpenAIServer, cache: CallCache, n: int, **fields) -> tuple[float, list[CallResult]]:
     teacher = TeacherConfig(name="t", model="m", base_url=server.base_url, api_key_env="MAPD_BENCH_KEY", **fields)
-    calls = [Call("t", [{"role": "user", "content": f"question {i}"}]) for i in range(n)]
+    calls = [Call(CallKey("bench", str(i), "t"), [{"role": "user", "content": f"question {i}"}]) for i in range(n)]
     began = time.perf_counter()
-    results = Dispatcher([teacher], cache, backoff=FAST).run(calls, "bench")
-    return time.perf_counter() - began, results
+    results = Dispatcher([teacher], cache, backoff=FAST).complete_all(calls, "bench")
+    return time.perf_counter() - began, list(results.values())
 
 
 def main() -> None:
@@ -71,7 +72,7 @@ def main() -> None:
         cache = CallCache(folder / "e.sqlite")
         began = time.perf_counter()
         for i in range(2000):
-            cache.put(f"key{i}", CallResult("x" * 2000, None, 100, 500, 1.0))
+            cache.put(f"key{i}", CallResult(None, "x" * 2000, None, 100, 500, 1.0))
         print(f"(d) cache: {2000 / (time.perf_counter() - began):.0f} committed puts per second (2 kB replies)")
 
 

@@ -8,7 +8,7 @@ each round, so a busy machine slows them alike) with ``--concurrency`` calls in 
 warm client: ``chat.completions.create`` or ``client.post("/chat/completions", cast_to=object)``
 (plain JSON in and out), each on the SDK's default httpx2 transport and on its aiohttp transport;
 then mapd's ``OpenAIProvider.complete`` (post + aiohttp, plus tenacity and reply checks) and
-``Dispatcher.run`` (plus cache, statistics and progress bar). The client runs in a process of its
+``Dispatcher.complete`` (plus cache, budget, statistics and progress bar). The client runs in a process of its
 own, as it would against a remote endpoint.
 """
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))  # for tests.openai_server
 from tests.openai_server import FakeOpenAIServer  # noqa: E402
 
 SDK_WAYS = ("create, httpx2", "create, aiohttp", "post, httpx2", "post, aiohttp")
-MAPD_WAYS = ("OpenAIProvider.complete", "Dispatcher.run")
+MAPD_WAYS = ("OpenAIProvider.complete", "Dispatcher.complete")
 
 
 def messages(i: int) -> list[dict[str, str]]:
@@ -63,8 +63,12 @@ async def sdk_calls(way: str, url: str, numbers: range, concurrency: int) -> flo
 
 
 def mapd_calls(way: str, url: str, numbers: range, concurrency: int) -> float:
-    from mapd.llm import Call, CallCache, Dispatcher, TeacherConfig
+    from mapd.config import TeacherConfig
+    from mapd.llm import Call, CallCache, CallKey, Dispatcher
     from mapd.llm.openai_provider import OpenAIProvider
+
+    def call(i: int) -> Call:
+        return Call(CallKey("bench", str(i), "t"), messages(i))
 
     teacher = TeacherConfig(name="t", model="m", base_url=url, max_concurrency=concurrency)
     warm = range(numbers.start - concurrency, numbers.start)
@@ -75,7 +79,7 @@ def mapd_calls(way: str, url: str, numbers: range, concurrency: int) -> float:
 
             async def one(i: int) -> None:
                 async with slots:
-                    assert (await provider.complete(messages(i))).text
+                    assert (await provider.complete(call(i))).text
 
             await asyncio.gather(*(one(i) for i in warm))
             began = time.process_time()
@@ -87,9 +91,9 @@ def mapd_calls(way: str, url: str, numbers: range, concurrency: int) -> float:
         return asyncio.run(provider_calls())
     with tempfile.TemporaryDirectory() as tmp, CallCache(Path(tmp) / "cache.sqlite") as cache, \
             Dispatcher([teacher], cache) as dispatcher:
-        dispatcher.run([Call("t", messages(i)) for i in warm], "warm up")
+        dispatcher.complete_all([call(i) for i in warm], "warm up")
         began = time.process_time()
-        assert all(r.text for r in dispatcher.run([Call("t", messages(i)) for i in numbers], "measured"))
+        assert all(r.text for r in dispatcher.complete_all([call(i) for i in numbers], "measured").values())
         return time.process_time() - began
 
 

@@ -22,13 +22,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from mapd.evaluate import run_eval
+from mapd.config import BuildConfig, PromptConfig, TaskConfig, TrainConfig
+from mapd.evaluate import evaluate_model
 from mapd.import_reference import import_reference
 from mapd.io import read_jsonl
+from mapd.layout import EvalLayout, RoundLayout
 from mapd.report import COLORS
 from mapd.stages.build import run_build
-from mapd.tasks import TaskConfig
-from mapd.train import TrainConfig, run_train
+from mapd.train import train_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -74,7 +75,7 @@ def prepare_reference(out: Path) -> Path:
             data / "Llama-2-7b-chat-hf_svamp_false_round0.json",
             data / "Llama-2-7b-chat-hf_svamp_feedback_round0.json",
             data / "Llama-2-7b-chat-hf_svamp_rationale_round0.json",
-            reference,
+            RoundLayout(reference),
         )
     return reference
 
@@ -89,24 +90,26 @@ def run_variant(name: str, args: argparse.Namespace, reference: Path, train_conf
     mode, alpha = VARIANTS[name]
     result: dict = {"variant": name, "pairs": 0, "train_seconds": 0.0}
     model = STUDENT
+    task = TaskConfig(name="svamp", path=str(SHARED / "data" / "svamp"))
     if mode is not None:
         folder.mkdir(parents=True, exist_ok=True)
         for artifact in ("mistakes", "feedback", "rationales"):
             shutil.copyfile(reference / f"{artifact}.jsonl", folder / f"{artifact}.jsonl")
-        run_build(folder, mode=mode, seed=args.seed, answer_kind="number")
-        trained = run_train(train_config.model_copy(update={"alpha": alpha}), STUDENT, folder / "train.jsonl", folder / "model")
+        round_folder = RoundLayout(folder)
+        run_build(round_folder, task=task, build=BuildConfig(mode=mode, seed=args.seed), prompts=PromptConfig())
+        trained = train_model(train_config.model_copy(update={"alpha": alpha}), STUDENT, round_folder.train,
+                              round_folder.model)
         result.update(pairs=trained["pairs"], train_seconds=round(trained["seconds"], 1), train_loss=trained["train_loss"])
-        model = str(folder / "model")
-    metrics = run_eval(
-        model=model, task_config=TaskConfig(name="svamp", path=str(SHARED / "data" / "svamp")), split="test",
-        limit=args.eval_limit, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
-        out_dir=folder / "eval",
+        model = str(round_folder.model)
+    metrics = evaluate_model(
+        EvalLayout(folder / "eval"), model=model, task=task, split="test", limit=args.eval_limit,
+        prompts=PromptConfig(), batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
     )
-    correct = round(metrics["accuracy"] * metrics["n"])
-    low, high = wilson_interval(correct, metrics["n"])
-    result.update(n=metrics["n"], correct=correct, accuracy=metrics["accuracy"], ci_low=low, ci_high=high,
-                  strict_accuracy=metrics["strict_accuracy"], unparsed_rate=metrics["unparsed_rate"],
-                  eval_seconds=metrics["seconds"])
+    correct = round(metrics.accuracy * metrics.n)
+    low, high = wilson_interval(correct, metrics.n)
+    result.update(n=metrics.n, correct=correct, accuracy=metrics.accuracy, ci_low=low, ci_high=high,
+                  strict_accuracy=metrics.strict_accuracy, unparsed_rate=metrics.unparsed_rate,
+                  eval_seconds=metrics.seconds)
     folder.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=2))
     return result

@@ -33,14 +33,11 @@ sys.path.insert(0, str(REPO))  # for tests.openai_server
 
 from tests.openai_server import FakeOpenAIServer  # noqa: E402
 
-from mapd.config import RunConfig, load_config  # noqa: E402
+from mapd.config import PromptConfig, RunConfig, TaskConfig, TeacherConfig, load_config  # noqa: E402
 from mapd.io import read_jsonl, write_jsonl  # noqa: E402
-from mapd.llm import CallResult, TeacherConfig  # noqa: E402
-from mapd.prompts import PromptConfig  # noqa: E402
-from mapd.stages.feedback import feedback  # noqa: E402
-from mapd.stages.rationales import rationales  # noqa: E402
-from mapd.stages.review import review  # noqa: E402
-from mapd.tasks import TaskConfig  # noqa: E402
+from mapd.prompts import answer_messages, feedback_messages, review_messages  # noqa: E402
+from mapd.records import read_mistakes  # noqa: E402
+from mapd.stages.review import parse_score, reviewers  # noqa: E402
 
 COMMITTEE = ("gpt", "gemini", "mistral")
 REVIEW_MARK = PromptConfig().review.split("{")[0]
@@ -81,20 +78,6 @@ class Stamps:
         return min(self.review_times) - latency_s - max(first_stage)
 
 
-class SequentialDispatcher:
-    """The reference's way: one blocking call after another, no cache (duck-types Dispatcher.run)."""
-
-    def __init__(self, base_url: str) -> None:
-        self.client = OpenAI(base_url=base_url, api_key="not-needed", max_retries=0)
-
-    def run(self, calls, desc: str = "") -> list[CallResult]:
-        results = []
-        for call in calls:
-            reply = self.client.chat.completions.create(model=f"model-{call.teacher}", messages=call.messages)
-            results.append(CallResult(reply.choices[0].message.content))
-        return results
-
-
 def setup(folder: Path, base_url: str, n: int, concurrency: int) -> None:
     """config.yaml (the committee at ``base_url``) and mistakes.jsonl in ``folder``."""
     teachers = [TeacherConfig(name=name, model=f"model-{name}", base_url=base_url, max_concurrency=concurrency)
@@ -110,11 +93,21 @@ def setup(folder: Path, base_url: str, n: int, concurrency: int) -> None:
 def sequential_client(folder: Path, subset: int | None) -> None:
     """(a): the three stages over the same mistakes (or the first ``subset``), one call at a time."""
     config = load_config(folder / "config.yaml")
-    mistakes = read_jsonl(folder / "mistakes.jsonl")[:subset]
-    dispatcher = SequentialDispatcher(config.teachers[0].base_url)
-    feedback(mistakes, "number", list(COMMITTEE), dispatcher, config.prompts)
-    drafts = rationales(mistakes, "number", list(COMMITTEE), dispatcher, config.prompts)
-    review(drafts, mistakes, dispatcher, config.prompts, config.review, answer_kind="number")
+    mistakes = read_mistakes(folder / "mistakes.jsonl")[:subset]
+    client = OpenAI(base_url=config.teachers[0].base_url, api_key="not-needed", max_retries=0)
+    prompts, committee = config.prompts, list(COMMITTEE)
+
+    def ask(teacher: str, messages: list[dict]) -> str:  # the reference's way: one blocking call after another
+        return client.chat.completions.create(model=f"model-{teacher}", messages=messages).choices[0].message.content
+
+    for m in mistakes:
+        for teacher in committee:
+            ask(teacher, feedback_messages(prompts, m.question, m.output, m.gold, "number"))
+    drafts = [(m, teacher, ask(teacher, answer_messages(prompts, m.question, "number")))
+              for m in mistakes for teacher in committee]
+    for m, teacher, text in drafts:
+        for reviewer in reviewers(teacher, committee, config.review):
+            parse_score(ask(reviewer, review_messages(prompts, m.question, text, m.gold, "number")))
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mapd.train import TrainConfig
+from mapd.config import TrainConfig
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
 STUDENT = "embedded:smollm2-135m-instruct"
@@ -36,15 +36,18 @@ REFERENCE_PAD = 512  # the reference pads (and truncates) every pair to this man
 
 def build_pairs(out: Path) -> Path:
     """train.jsonl (mode mixed) built from the reference SVAMP files."""
+    from mapd.config import BuildConfig, PromptConfig
     from mapd.import_reference import import_reference
+    from mapd.layout import RoundLayout
     from mapd.stages.build import run_build
 
     files = [REFERENCE / f"Llama-2-7b-chat-hf_svamp_{kind}_round0.json" for kind in ("false", "feedback", "rationale")]
     if not all(file.is_file() for file in files):
         sys.exit(f"reference data not found in {REFERENCE}")
-    import_reference("svamp", *files, out)
-    run_build(out, mode="mixed", seed=731)
-    return out / "train.jsonl"
+    folder = RoundLayout(out)
+    import_reference("svamp", *files, folder)
+    run_build(folder, task=None, build=BuildConfig(mode="mixed", seed=731), prompts=PromptConfig())
+    return folder.train
 
 
 def epoch_tokens(trainer) -> tuple[int, int, float]:

@@ -60,6 +60,8 @@ class FakeOpenAIServer:
 
     reply: ``reply(messages)`` or ``reply(messages, model)`` -> the assistant text.
     latency_s: seconds every request waits before it is answered.
+    random_latency_s: ``(lo, hi)``: each request also waits a time drawn uniformly from [lo, hi], from an
+        RNG seeded with ``seed`` (so replies come back in another order than the requests came in).
     fault_rate: probability that a request gets a fault drawn from ``faults``.
     fail_first: faults that every distinct request body gets first, in order, before the random ones.
     retry_after_s: the Retry-After value of the ``rate_limit`` fault.
@@ -69,7 +71,9 @@ class FakeOpenAIServer:
     Counters (thread-safe, cleared by ``reset()``): ``requests`` (all, faulted included),
     ``requests_by_model``, ``faults`` (kind -> count), ``completions`` (successful replies),
     ``auth_headers`` (every Authorization header seen), ``bodies`` (every parsed request body),
-    ``in_flight`` and ``max_in_flight`` (requests being served at once).
+    ``in_flight`` and ``max_in_flight`` (requests being served at once), ``answer_order`` (the arrival
+    index of each successful reply, in the order the replies were sent: index i is ``bodies[i]``) and
+    ``answered_out_of_order`` (how many of those went out after the reply to a request that came later).
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class FakeOpenAIServer:
         reply: Callable[..., str] | None = None,
         *,
         latency_s: float = 0.0,
+        random_latency_s: tuple[float, float] | None = None,
         fault_rate: float = 0.0,
         faults: Sequence[str] = TRANSIENT_FAULTS,
         fail_first: Sequence[str] = (),
@@ -91,6 +96,10 @@ class FakeOpenAIServer:
         self.reply = reply or default_reply
         self._reply_takes_model = reply is None or len(inspect.signature(self.reply).parameters) >= 2
         self.latency_s, self.fault_rate, self.faults_pool = latency_s, fault_rate, tuple(faults)
+        if random_latency_s is not None and not 0 <= random_latency_s[0] <= random_latency_s[1]:
+            raise ValueError(f"random_latency_s must be (lo, hi) with 0 <= lo <= hi, not {random_latency_s}")
+        self.random_latency_s = random_latency_s
+        self._latency_rng = random.Random(f"{seed}:latency")
         self.fail_first, self.seed = tuple(fail_first), seed
         self.retry_after_s, self.hang_s, self.include_usage = retry_after_s, hang_s, include_usage
         self._lock = threading.Lock()
@@ -110,6 +119,18 @@ class FakeOpenAIServer:
             self.bodies: list[dict] = []
             self.in_flight = 0
             self.max_in_flight = 0
+            self.answer_order: list[int] = []
+
+    @property
+    def answered_out_of_order(self) -> int:
+        """Successful replies sent after the reply to a request that arrived later than theirs."""
+        with self._lock:
+            order = list(self.answer_order)
+        latest, late = -1, 0
+        for arrival in order:
+            late += arrival < latest
+            latest = max(latest, arrival)
+        return late
 
     @property
     def base_url(self) -> str:
@@ -180,12 +201,14 @@ class FakeOpenAIServer:
         except (ValueError, KeyError, TypeError):
             return _send(handler, 400, {"error": {"message": "body must be JSON with model and messages"}})
         with self._lock:
+            arrival = self.requests
             self.requests += 1
             self.requests_by_model[model] += 1
             self.auth_headers.append(handler.headers.get("Authorization", ""))
             self.bodies.append(body)
-        if self.latency_s:
-            time.sleep(self.latency_s)
+            wait = self.latency_s + (self._latency_rng.uniform(*self.random_latency_s) if self.random_latency_s else 0)
+        if wait:
+            time.sleep(wait)
         fault = self._choose_fault(raw)
         if fault:
             with self._lock:
@@ -194,6 +217,7 @@ class FakeOpenAIServer:
         text = self.reply(messages, model) if self._reply_takes_model else self.reply(messages)
         with self._lock:
             self.completions += 1
+            self.answer_order.append(arrival)
         _send(handler, 200, self._completion(body, text))
 
     def _fault(self, handler: "BaseHTTPRequestHandler", fault: str, body: dict) -> None:

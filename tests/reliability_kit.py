@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from mapd.config import PromptConfig
 from mapd.io import write_jsonl
-from mapd.prompts import PromptConfig
 
 COMMITTEE = ("gpt", "gemini", "mistral")
 _REVIEW_MARK = PromptConfig().review.split("{")[0]

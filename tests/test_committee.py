@@ -11,15 +11,16 @@ import yaml
 from tests.openai_server import FakeOpenAIServer
 
 from mapd.cli import main
+from mapd.config import PromptConfig, ReviewConfig, TeacherConfig
 from mapd.errors import MapdError
 from mapd.import_reference import import_reference
 from mapd.io import read_jsonl, write_jsonl
-from mapd.llm import CallCache, Dispatcher, TeacherConfig
+from mapd.layout import RoundLayout
+from mapd.llm import CallCache, Dispatcher
 from mapd.llm.openai_provider import Backoff
-from mapd.prompts import PromptConfig
-from mapd.stages.feedback import feedback
-from mapd.stages.rationales import rationales
-from mapd.stages.review import ReviewConfig, accept, check_committee, parse_score, review, reviewers
+from mapd.records import Feedback, Mistake, Rationale
+from mapd.stages.review import accept, check_committee, parse_score, reviewers
+from mapd.stages.teach import teach
 
 
 @pytest.mark.parametrize(
@@ -112,6 +113,10 @@ def mistakes_for(n: int) -> list[dict]:
              "output": f"{i} + 7 = {i + 7}", "answer": str(i + 7), "status": "wrong"} for i in range(n)]
 
 
+def mistake_records(n: int) -> list[Mistake]:
+    return [Mistake.model_validate(record) for record in mistakes_for(n)]
+
+
 def teacher_config(server: FakeOpenAIServer, name: str) -> TeacherConfig:
     return TeacherConfig(name=name, model=f"model-{name}", base_url=server.base_url, api_key_env=KEY_ENV,
                          timeout_s=2, max_retries=4, max_concurrency=4)
@@ -136,68 +141,75 @@ def dispatcher_for(tmp_path):
                                                          backoff=FAST)
 
 
-def reviewed(drafts: list[dict], mistakes: list[dict], dispatcher: Dispatcher, **fields) -> list[dict]:
-    """The review stage with the default prompts and ``ReviewConfig(**fields)``."""
-    return review(drafts, mistakes, dispatcher, DEFAULTS, ReviewConfig(**fields), answer_kind="number")
+def taught(mistakes: list[Mistake], dispatcher: Dispatcher, committee=COMMITTEE,
+           **fields) -> tuple[list[Feedback], list[Rationale]]:
+    """The teach stage (feedback, rationales, peer review) with the default prompts and ``ReviewConfig(**fields)``."""
+    return teach(mistakes, dispatcher, committee=list(committee), prompts=DEFAULTS, review=ReviewConfig(**fields),
+                 answer_kind="number")
+
+
+def review_requests(server: FakeOpenAIServer) -> int:
+    """Requests the server received that were peer reviews."""
+    return sum(body["messages"][-1]["content"].startswith(REVIEW_MARK) for body in server.bodies)
 
 
 def test_feedback_rationales_review_end_to_end(server, dispatcher_for):
-    mistakes, dispatcher = mistakes_for(3), dispatcher_for(server)
-    notes = feedback(mistakes, "number", list(COMMITTEE), dispatcher, DEFAULTS)
-    assert [(r["id"], r["teacher"]) for r in notes] == [(m["id"], t) for m in mistakes for t in COMMITTEE]
-    assert all(r["error"] is None and r["text"].startswith(f"model-{r['teacher']} explains") for r in notes)
+    mistakes, dispatcher = mistake_records(3), dispatcher_for(server)
+    notes, records = taught(mistakes, dispatcher)
+    assert [(r.id, r.teacher) for r in notes] == [(m.id, t) for m in mistakes for t in COMMITTEE]
+    assert all(r.error is None and r.text.startswith(f"model-{r.teacher} explains") for r in notes)
     prompts = [body["messages"][-1]["content"] for body in server.bodies]
-    parts = (mistakes[0]["question"], mistakes[0]["output"], "is 7")  # question, student's answer, hint
+    parts = (mistakes[0].question, mistakes[0].output, "is 7")  # question, student's answer, hint
     assert any(all(part in prompt for part in parts) for prompt in prompts)
 
-    drafts = rationales(mistakes, "number", list(COMMITTEE), dispatcher, DEFAULTS)
-    assert [r["answer"] for r in drafts[:3]] == ["7", "7", "8"]
-    assert set(drafts[0]) == {"id", "teacher", "text", "error", "answer"}
+    assert [(r.id, r.teacher) for r in records] == [(m.id, t) for m in mistakes for t in COMMITTEE]
+    assert [r.answer for r in records[:3]] == ["7", "7", "8"]
+    assert set(records[0].model_dump()) == {"id", "teacher", "text", "error", "answer", "reviews", "mean_score",
+                                            "accepted"}
+
+    assert review_requests(server) == len(records) * 2  # each rationale reviewed by the two others, once
+    assert server.requests == len(notes) + len(records) + len(records) * 2
+    by_teacher = {r.teacher: r for r in records if r.id == "q0"}
+    gpt, gemini, mistral = (by_teacher[name] for name in COMMITTEE)
+    assert [(v.reviewer, v.score) for v in gpt.reviews] == [("gemini", 2), ("mistral", None)]
+    assert gpt.reviews[1].raw == REVIEW_REPLIES["model-mistral"]  # invalid, kept, excluded
+    assert (gpt.mean_score, gpt.accepted) == (2.0, False)
+    assert (gemini.mean_score, gemini.accepted) == (5.0, True)  # gpt 5, mistral invalid
+    assert (mistral.mean_score, mistral.accepted) == (3.5, True)  # gpt 5, gemini 2
 
     server.reset()
-    records = reviewed(drafts, mistakes, dispatcher)
-    assert server.requests == len(drafts) * 2
-    by_teacher = {r["teacher"]: r for r in records if r["id"] == "q0"}
-    gpt, gemini, mistral = (by_teacher[name] for name in COMMITTEE)
-    assert [(v["reviewer"], v["score"]) for v in gpt["reviews"]] == [("gemini", 2), ("mistral", None)]
-    assert gpt["reviews"][1]["raw"] == REVIEW_REPLIES["model-mistral"]  # invalid, kept, excluded
-    assert (gpt["mean_score"], gpt["accepted"]) == (2.0, False)
-    assert (gemini["mean_score"], gemini["accepted"]) == (5.0, True)  # gpt 5, mistral invalid
-    assert (mistral["mean_score"], mistral["accepted"]) == (3.5, True)  # gpt 5, gemini 2
-
-    strict = reviewed(drafts, mistakes, dispatcher, require_gold_answer=True)  # mistral answers 8, gold is 7
-    assert [r["accepted"] for r in strict if r["id"] == "q0"] == [False, True, False]
-    capped = reviewed(drafts, mistakes, dispatcher, max_reviewers=1)
-    assert [[v["reviewer"] for v in r["reviews"]] for r in capped[:3]] == [["gemini"], ["gpt"], ["gpt"]]
-    assert server.requests == len(drafts) * 2  # the other settings reuse the cached reviews
+    _, strict = taught(mistakes, dispatcher, require_gold_answer=True)  # mistral answers 8, gold is 7
+    assert [r.accepted for r in strict if r.id == "q0"] == [False, True, False]
+    _, capped = taught(mistakes, dispatcher, max_reviewers=1)
+    assert [[v.reviewer for v in r.reviews] for r in capped[:3]] == [["gemini"], ["gpt"], ["gpt"]]
+    assert server.requests == 0  # the other settings reuse the cached calls, reviews included
 
 
 def test_one_teacher_without_review_accepts_every_rationale(server, dispatcher_for):
     dispatcher = dispatcher_for(server, ["gpt"])
-    drafts = rationales(mistakes_for(2), "number", ["gpt"], dispatcher, DEFAULTS)
     with pytest.raises(MapdError, match="at least two teachers"):
-        reviewed(drafts, mistakes_for(2), dispatcher)
-    server.reset()
-    records = reviewed(drafts, mistakes_for(2), dispatcher, enabled=False)
-    assert server.requests == 0
-    assert [(r["reviews"], r["mean_score"], r["accepted"]) for r in records] == [([], None, True)] * 2
+        taught(mistake_records(2), dispatcher, committee=["gpt"])
+    assert server.requests == 0  # refused before any call
+    _, records = taught(mistake_records(2), dispatcher, committee=["gpt"], enabled=False)
+    assert review_requests(server) == 0 and server.requests == 2 * 2  # feedback and rationale, no review
+    assert [(r.reviews, r.mean_score, r.accepted) for r in records] == [([], None, True)] * 2
 
 
 def test_faults_are_retried_or_recorded_never_dropped(dispatcher_for):
-    mistakes = mistakes_for(6)
+    mistakes = mistake_records(6)
     faults = ("server_error_503", "bad_request", "refusal")
     with FakeOpenAIServer(scripted, fault_rate=0.5, faults=faults, seed=3) as server:
         dispatcher = dispatcher_for(server)
-        records = reviewed(rationales(mistakes, "number", list(COMMITTEE), dispatcher, DEFAULTS), mistakes, dispatcher)
+        _, records = taught(mistakes, dispatcher)
     assert server.faults["server_error_503"] and server.faults["bad_request"]
-    failed = [r for r in records if r["text"] is None]
+    failed = [r for r in records if r.text is None]
     assert failed and len(failed) < len(records)
     for record in failed:  # a failed rationale keeps its error, is not reviewed and not accepted
-        assert record["error"] and record["answer"] is None and record["reviews"] == [] and not record["accepted"]
+        assert record.error and record.answer is None and record.reviews == [] and not record.accepted
     for record in records:
-        for verdict in record["reviews"]:
-            assert (verdict["raw"] is None) == (verdict["error"] is not None)
-            assert verdict["error"] is None or verdict["score"] is None
+        for verdict in record.reviews:
+            assert (verdict.raw is None) == (verdict.error is not None)
+            assert verdict.error is None or verdict.score is None
 
 
 # -- `mapd teach` ---------------------------------------------------------------------------------
@@ -238,7 +250,8 @@ def test_mapd_teach_writes_artifacts_and_a_rerun_calls_nothing(tmp_path, server,
     ("line", "message"),
     [
         ({"id": "a", "question": "q", "gold": "1"}, "mistakes.jsonl:2: field 'output': missing"),
-        ({"id": "a", "question": "q", "gold": 1, "output": "o"}, "mistakes.jsonl:2: field 'gold': 1 is not a string"),
+        ({"id": "a", "question": "q", "gold": 1, "output": "o"},
+         "mistakes.jsonl:2: field 'gold': Input should be a valid string (got 1)"),
         ({"id": "q0", "question": "q", "gold": "1", "output": "o"},
          "mistakes.jsonl:2: field 'id': 'q0' already on line 1"),
     ],
@@ -273,7 +286,7 @@ def test_import_reference_reproduces_the_recorded_acceptance(shared, tmp_path):
     folder = shared / "reference-data"
     names = {kind: folder / f"Llama-2-7b-chat-hf_svamp_{kind}_round0.json"
              for kind in ("false", "feedback", "rationale")}
-    counts = import_reference("svamp", names["false"], names["feedback"], names["rationale"], tmp_path)
+    counts = import_reference("svamp", names["false"], names["feedback"], names["rationale"], RoundLayout(tmp_path))
     assert counts == {"mistakes": 387, "feedback": 1161, "rationales": 1161, "accepted": 826}
     recorded = {}
     for record in json.loads(names["rationale"].read_text(encoding="utf-8")):
@@ -292,7 +305,7 @@ def test_import_reference_reproduces_the_recorded_acceptance(shared, tmp_path):
 
 def test_import_reference_strategyqa_canonical_gold(shared, tmp_path):
     path = shared / "reference-data" / "Llama-2-7b-chat-hf_strategyQA_false_round0.json"
-    import_reference("strategyqa", path, None, None, tmp_path)
+    import_reference("strategyqa", path, None, None, RoundLayout(tmp_path))
     mistakes = read_jsonl(tmp_path / "mistakes.jsonl")
     assert len(mistakes) == 825 and not (tmp_path / "feedback.jsonl").exists()
     assert Counter(m["gold"] for m in mistakes) == {"true": 471, "false": 354}
@@ -304,16 +317,16 @@ def test_import_reference_errors_name_file_record_and_field(tmp_path):
     bad.write_text(json.dumps([{"id": 0, "question": "q", "gold_answer": "1", "student_wrong_pred": "p",
                                 "student_wrong_final_answer": "2"}, {"id": 1, "question": "q", "gold_answer": "1"}]))
     with pytest.raises(MapdError, match=r"false\.json: record 1: missing field 'student_wrong_final_answer'"):
-        import_reference("svamp", bad, None, None, tmp_path / "out")
+        import_reference("svamp", bad, None, None, RoundLayout(tmp_path / "out"))
     with pytest.raises(MapdError, match="not 'aqua'"):
-        import_reference("aqua", bad, None, None, tmp_path / "out")
+        import_reference("aqua", bad, None, None, RoundLayout(tmp_path / "out"))
     rationale = tmp_path / "rationale.json"
     rationale.write_text(json.dumps([{"id": 0, "gpt_rationale": ["r", 4], "gemini_rationale": ["r", 4, 4],
                                       "mistral_rationale": ["r", 4, 4]}]))
     bad.write_text(json.dumps([{"id": 0, "question": "q", "gold_answer": "1", "student_wrong_pred": "p",
                                 "student_wrong_final_answer": "2"}]))
     with pytest.raises(MapdError, match=r"rationale\.json: record 0: field 'gpt_rationale'"):
-        import_reference("svamp", bad, None, rationale, tmp_path / "out")
+        import_reference("svamp", bad, None, rationale, RoundLayout(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing is written unless everything converts
 
 
@@ -321,7 +334,7 @@ def test_import_reference_gsm8k_and_logiqa_layouts(tmp_path):
     gsm8k = tmp_path / "gsm8k.json"
     gsm8k.write_text(json.dumps([{"id": 3, "question": "How many?", "gold_answer": "2 * 617 = 1234\n#### 1,234",
                                   "student_wrong_pred": "Answer: 12", "student_wrong_final_answer": "12"}]))
-    import_reference("gsm8k", gsm8k, None, None, tmp_path / "g")
+    import_reference("gsm8k", gsm8k, None, None, RoundLayout(tmp_path / "g"))
     assert read_jsonl(tmp_path / "g" / "mistakes.jsonl") == [
         {"id": "3", "question": "How many?", "gold": "1234", "output": "Answer: 12", "answer": "12", "status": "wrong"}]
     logiqa = tmp_path / "logiqa.json"
@@ -330,7 +343,7 @@ def test_import_reference_gsm8k_and_logiqa_layouts(tmp_path):
                                    "student_wrong_final_answer": "1"},
                                   {"id": 1, "context": "C", "question": "Q", "options": ["a", "b"], "gold_answer": "0",
                                    "student_wrong_pred": "?", "student_wrong_final_answer": "ABSOLUTE_WRONG_FINAL_ANS"}]))
-    import_reference("logiqa", logiqa, None, None, tmp_path / "l")
+    import_reference("logiqa", logiqa, None, None, RoundLayout(tmp_path / "l"))
     first, second = read_jsonl(tmp_path / "l" / "mistakes.jsonl")
     assert first["question"] == "All cats sleep.\nWhich follows?\n\nA. a\nB. b\nC. c\nD. d"
     assert (first["gold"], first["answer"], first["status"]) == ("C", "B", "wrong")

@@ -13,13 +13,15 @@ import pytest
 
 from mapd import generation
 from mapd.cli import main
-from mapd.config import RunConfig
+from mapd.config import PromptConfig, RunConfig, TaskConfig
 from mapd.errors import MapdError
 from mapd.evaluate import evaluate, metrics
 from mapd.io import read_jsonl
-from mapd.prompts import PromptConfig
+from mapd.layout import EvalLayout, RoundLayout
+from mapd.prompts import answer_messages
+from mapd.records import Prediction, read_records
 from mapd.stages.mine import mine, run_mine
-from mapd.tasks import Example, TaskConfig, get_task
+from mapd.tasks import Example, get_task
 
 SVAMP_ROWS = [
     {"id": 0, "question": "There are 290 bananas in 2 groups. How big is each group?", "final": "145"},
@@ -172,7 +174,7 @@ def tiny(tiny_model_dir):
 
 def test_batched_greedy_equals_one_at_a_time(tiny):
     model, tokenizer = tiny
-    prompts = [PromptConfig().answer_messages(row["question"] + " Think." * i, "number") for i, row in
+    prompts = [answer_messages(PromptConfig(), row["question"] + " Think." * i, "number") for i, row in
                enumerate(SVAMP_ROWS * 2)]
     single = generation.generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=1)
     batched = generation.generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4)
@@ -185,11 +187,13 @@ def test_evaluate_records_and_metrics(tiny):
     model, tokenizer = tiny
     examples = [Example(id=str(r["id"]), question=r["question"], gold=r["final"]) for r in SVAMP_ROWS]
     predictions = evaluate(model, tokenizer, examples, "number", PromptConfig(), batch_size=2, max_new_tokens=4)
-    assert [p["id"] for p in predictions] == ["0", "1", "2"]
+    assert [p.id for p in predictions] == ["0", "1", "2"]
     for p in predictions:
-        assert set(p) == {"id", "question", "output", "answer", "status", "strict", "gold", "correct"}
-        assert p["status"] in {"ok", "unparsed"} and (p["answer"] is None) == (p["status"] == "unparsed")
-    assert metrics([]) == {"n": 0, "accuracy": 0.0, "strict_accuracy": 0.0, "unparsed_rate": 0.0}
+        assert set(p.model_dump()) == {"id", "question", "output", "answer", "status", "strict", "gold", "correct"}
+        assert p.status in {"ok", "unparsed"} and (p.answer is None) == (p.status == "unparsed")
+    empty = metrics([], task="svamp", split="test", model="m", seconds=0.0)
+    assert {k: getattr(empty, k) for k in ("n", "accuracy", "strict_accuracy", "unparsed_rate")} == {
+        "n": 0, "accuracy": 0.0, "strict_accuracy": 0.0, "unparsed_rate": 0.0}
 
 
 def fake_generate(outputs: dict[str, str], calls: list[dict]):
@@ -215,18 +219,19 @@ def test_eval_and_mine_with_known_outputs(tiny_model_dir, svamp_dir, tmp_path, m
     out = tmp_path / "eval"
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "svamp", "--data", str(svamp_dir),
                  "--out", str(out), "--max-new-tokens", "8"]) == 0
-    predictions = read_jsonl(out / "predictions.jsonl")
-    assert [(p["answer"], p["strict"], p["correct"]) for p in predictions] == [
+    predictions = read_records(EvalLayout(out).predictions, Prediction)
+    assert [(p.answer, p.strict, p.correct) for p in predictions] == [
         ("145", True, True), ("7", False, True), ("35", True, False)]
-    result = json.loads((out / "metrics.json").read_text())
+    result = json.loads(EvalLayout(out).metrics.read_text())
     assert set(result) == {"task", "split", "model", "n", "accuracy", "strict_accuracy", "unparsed_rate", "seconds"}
     assert (result["n"], result["accuracy"], result["strict_accuracy"]) == (3, 2 / 3, 1 / 3)
     assert calls[-1]["temperature"] == 0.0 and calls[-1]["max_new_tokens"] == 8
     assert "accuracy 66.7%" in capsys.readouterr().out
 
-    mistakes = mine(predictions + [{**predictions[0], "id": "x", "answer": None, "status": "unparsed", "correct": False}])
-    assert [(m["id"], m["status"]) for m in mistakes] == [("2", "wrong"), ("x", "unparsed")]
-    assert set(mistakes[0]) == {"id", "question", "gold", "output", "answer", "status"}
+    unparsed = predictions[0].model_copy(update={"id": "x", "answer": None, "status": "unparsed", "correct": False})
+    mistakes = mine(predictions + [unparsed])
+    assert [(m.id, m.status) for m in mistakes] == [("2", "wrong"), ("x", "unparsed")]
+    assert set(mistakes[0].model_dump()) == {"id", "question", "gold", "output", "answer", "status"}
 
 
 def test_run_mine_writes_mistakes(tiny_model_dir, svamp_dir, tmp_path, monkeypatch):
@@ -234,9 +239,11 @@ def test_run_mine_writes_mistakes(tiny_model_dir, svamp_dir, tmp_path, monkeypat
     monkeypatch.setattr(generation, "generate", fake_generate({**OUTPUTS, "apples": "I cannot tell."}, calls))
     config = RunConfig.model_validate({
         "task": {"name": "svamp", "path": str(svamp_dir), "train_limit": 3},
-        "student": {"model": "/not/used", "temperature": 0.3, "top_p": 0.9, "max_new_tokens": 8, "batch_size": 2},
+        "student": {"model": str(tiny_model_dir), "temperature": 0.3, "top_p": 0.9, "max_new_tokens": 8,
+                    "batch_size": 2},
     })
-    summary = run_mine(config, tmp_path / "round-0", model=str(tiny_model_dir))
+    summary = run_mine(RoundLayout(tmp_path / "round-0"), task=config.task, student=config.student,
+                       prompts=config.prompts)
     assert {k: v for k, v in summary.items() if k != "seconds"} == {
         "n": 3, "correct": 1, "wrong": 1, "unparsed": 1, "accuracy": 1 / 3}
     mistakes = read_jsonl(tmp_path / "round-0" / "mistakes.jsonl")
@@ -264,7 +271,7 @@ def test_eval_cli_with_smollm2(shared, tmp_path):
 def test_smollm2_batched_greedy_equals_one_at_a_time(shared):
     model, tokenizer = generation.load_model("embedded:smollm2-135m-instruct")
     examples = get_task(TaskConfig(name="svamp", path=str(shared / "data" / "svamp"))).load("train", 4)
-    prompts = [PromptConfig().answer_messages(e.question, "number") for e in examples]
+    prompts = [answer_messages(PromptConfig(), e.question, "number") for e in examples]
     single = generation.generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=1)
     batched = generation.generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=4)
     assert [g.text for g in batched] == [g.text for g in single]

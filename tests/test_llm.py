@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 from tests.openai_server import PERMANENT_FAULTS, TRANSIENT_FAULTS, FakeOpenAIServer
 
+from mapd.config import TeacherConfig
 from mapd.errors import MapdError
 from mapd.generation import Generation
-from mapd.llm import BudgetExceeded, Call, CallCache, CallResult, Dispatcher, TeacherConfig
+from mapd.llm import BudgetExceeded, Call, CallCache, CallKey, CallResult, Dispatcher
 from mapd.llm.cache import cache_key
 from mapd.llm.openai_provider import Backoff, retry_after_s
 
@@ -39,13 +40,19 @@ def teacher(server: FakeOpenAIServer, name: str = "t", **fields) -> TeacherConfi
     return TeacherConfig(name=name, **settings)
 
 
-def calls_for(name: str, n: int, sample: int = 0) -> list[Call]:
-    return [Call(name, [{"role": "user", "content": f"question {i}"}], sample) for i in range(n)]
+def calls_for(name: str, n: int, sample: int = 0, stage: str = "test") -> list[Call]:
+    """``n`` calls to teacher ``name`` with ids "0".."n-1" (``stage`` tells apart calls with the same messages)."""
+    return [Call(CallKey(stage, str(i), name, sample=sample), [{"role": "user", "content": f"question {i}"}])
+            for i in range(n)]
 
 
 def run(teachers: list[TeacherConfig], cache: CallCache, calls: list[Call], **kwargs) -> tuple[Dispatcher, list]:
-    dispatcher = Dispatcher(teachers, cache, backoff=FAST, **kwargs)
-    return dispatcher, dispatcher.run(calls, "test")
+    """One ``complete_all`` on a new dispatcher (closed afterwards); the results in the order of ``calls``."""
+    with Dispatcher(teachers, cache, backoff=FAST, **kwargs) as dispatcher:
+        by_key = dispatcher.complete_all(calls, "test")
+    assert set(by_key) == {call.key for call in calls}
+    assert all(result.key == key for key, result in by_key.items())  # every result carries its own call's key
+    return dispatcher, [by_key[call.key] for call in calls]
 
 
 # -- cache --------------------------------------------------------------------------------
@@ -55,22 +62,23 @@ def test_cache_hit_miss_failure_and_reopen(tmp_path):
     path = tmp_path / "c.sqlite"
     with CallCache(path) as cache:
         assert cache.get("k") is None
-        cache.put("k", CallResult(None, "RateLimitError: slow down", attempts=7))
+        cache.put("k", CallResult(None, None, "RateLimitError: slow down", attempts=7))
         assert cache.get("k") is None  # a recorded failure is not a hit
-        cache.put("k", CallResult("fine", None, 10, 3, 0.5, attempts=2))
-        cache.put("k", CallResult(None, "late failure"))  # never replaces a success
+        cache.put("k", CallResult(None, "fine", None, 10, 3, 0.5, attempts=2))
+        cache.put("k", CallResult(None, None, "late failure"))  # never replaces a success
     with CallCache(path) as cache:  # survives reopening
         hit = cache.get("k")
     assert (hit.text, hit.error, hit.input_tokens, hit.output_tokens, hit.attempts) == ("fine", None, 10, 3, 2)
-    assert hit.cached
+    assert hit.cached and hit.key is None  # the cache knows replies, not which call asked
 
 
 def test_cache_key_ignores_endpoint_and_key_but_not_sampling():
     base = TeacherConfig(name="a", model="m", base_url="https://user:pw@host/v1", api_key_env="X")
-    call = Call("a", [{"role": "user", "content": "q"}])
+    call = Call(CallKey("feedback", "1", "a"), [{"role": "user", "content": "q"}])
     assert cache_key(base, call) == cache_key(base.model_copy(update={"base_url": "http://other/v1", "name": "b",
                                                                       "api_key_env": "Y"}), call)
-    assert cache_key(base, call) != cache_key(base, Call("a", call.messages, sample=1))
+    assert cache_key(base, call) == cache_key(base, Call(CallKey("review", "2", "b", "a"), call.messages))
+    assert cache_key(base, call) != cache_key(base, Call(CallKey("feedback", "1", "a", sample=1), call.messages))
     assert cache_key(base, call) != cache_key(base.model_copy(update={"temperature": 0.1}), call)
 
 
@@ -111,7 +119,7 @@ def test_each_transient_fault_recovers(cache, fault):
         dispatcher, [result] = run([teacher(server, timeout_s=1.0)], cache, calls_for("t", 1))
     assert result.text == "model-t read: question 0", result.error
     assert result.attempts == 2 and server.requests == 2 and server.faults[fault] == 1
-    assert dispatcher.summary()["t"]["failures"] == 0
+    assert dispatcher.summary()["t"].failures == 0
 
 
 @pytest.mark.parametrize("fault", PERMANENT_FAULTS)
@@ -122,7 +130,7 @@ def test_permanent_faults_are_recorded_without_retry(cache, fault):
     expected = {"refusal": "Refusal: I cannot", "content_filter": "Refusal: finish_reason",
                 "bad_request": "BadRequestError: "}[fault]
     assert result.error.startswith(expected)
-    assert dispatcher.summary()["t"]["failures"] == 1
+    assert dispatcher.summary()["t"].failures == 1
 
 
 def test_retry_after_is_honoured(cache):
@@ -148,7 +156,7 @@ def test_retries_are_bounded_and_a_failure_is_retried_next_run(cache):
         dispatcher, [result] = run([teacher(server, max_retries=3)], cache, calls_for("t", 1))
         assert result.text is None and result.error.startswith("InternalServerError: Error code: 503")
         assert result.attempts == 4 and server.requests == 4
-        assert dispatcher.summary()["t"]["failures"] == 1
+        assert dispatcher.summary()["t"].failures == 1
         run([teacher(server, max_retries=0)], cache, calls_for("t", 1))
         assert server.requests == 5  # the recorded failure was not a cache hit
     row = sqlite3.connect(cache.path).execute("SELECT error, attempts FROM calls").fetchone()
@@ -165,7 +173,7 @@ def test_thirty_percent_faults_all_complete(cache):
     assert [r.text for r in results] == [f"model-t read: question {i}" for i in range(n)]
     assert server.completions >= n and sum(server.faults.values()) > 0.25 * server.requests  # >=: a reply can
     # come after the client gave up on it when the shared machine is busy
-    assert dispatcher.summary()["t"]["calls"] == n and dispatcher.summary()["t"]["failures"] == 0
+    assert dispatcher.summary()["t"].calls == n and dispatcher.summary()["t"].failures == 0
 
 
 # -- concurrency, cache reuse, limits -----------------------------------------------------
@@ -182,16 +190,25 @@ def test_calls_run_concurrently_and_second_run_is_free(cache):
         dispatcher, second = run([teacher(server, max_concurrency=16)], cache, calls_for("t", n))
     assert server.requests == 0
     assert [r.text for r in first] == [r.text for r in second] and all(r.cached for r in second)
-    assert dispatcher.summary()["t"]["cache_hits"] == n and dispatcher.summary()["t"]["calls"] == 0
+    assert dispatcher.summary()["t"].cache_hits == n and dispatcher.summary()["t"].calls == 0
 
 
 def test_identical_calls_are_made_once_and_teachers_are_routed(cache):
     with FakeOpenAIServer() as server:
-        calls = calls_for("a", 3) + calls_for("a", 3) + calls_for("b", 3) + calls_for("b", 1, sample=1)
+        calls = (calls_for("a", 3) + calls_for("a", 3, stage="again") + calls_for("b", 3)
+                 + calls_for("b", 1, sample=1))
         _, results = run([teacher(server, "a"), teacher(server, "b")], cache, calls)
     assert server.requests_by_model == {"model-a": 3, "model-b": 4}
     assert [r.text for r in results[:3]] == [r.text for r in results[3:6]]
+    assert [r.key.stage for r in results[:6]] == ["test"] * 3 + ["again"] * 3  # a shared reply, each with its key
     assert results[6].text.startswith("model-b read")
+
+
+def test_complete_all_refuses_calls_that_share_a_key(cache):
+    with FakeOpenAIServer() as server, Dispatcher([teacher(server, "a")], cache, backoff=FAST) as dispatcher:
+        with pytest.raises(MapdError, match="share a key"):
+            dispatcher.complete_all(calls_for("a", 2) + calls_for("a", 1), "x")
+    assert server.requests == 0
 
 
 def test_request_rate_limit_spaces_requests(cache):
@@ -212,22 +229,38 @@ def test_budget_stops_new_calls_and_keeps_the_finished(cache, concurrency):
         server.reset()
         dispatcher, results = run([teacher(server, **priced)], cache, calls_for("t", 20), max_budget_usd=100.0)
     assert server.requests == 20 - made and all(r.text for r in results)
-    assert dispatcher.summary()["t"]["cache_hits"] == made and dispatcher.spent_usd <= 100
+    assert dispatcher.summary()["t"].cache_hits == made and dispatcher.spent_usd <= 100
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_budget_holds_only_the_calls_in_flight(cache, concurrency):
+    """A call's worst case is held from when it starts until it ends: calls waiting for a slot hold nothing,
+    so cheap replies leave room for every call (worst case 1 USD each, a reply costs 0.1 USD: 2 USD for 20,
+    and at most ``concurrency`` USD held at once)."""
+    priced = {"max_concurrency": concurrency, "max_tokens": 100, "price_output_per_mtok": 10_000.0}
+    with FakeOpenAIServer(reply=lambda messages: "x" * 40) as server:  # replies of 10 tokens
+        dispatcher, results = run([teacher(server, **priced)], cache, calls_for("t", 20),
+                                  max_budget_usd=concurrency + 2.5)
+    assert server.completions == 20 and all(r.text for r in results)
+    assert dispatcher.spent_usd == pytest.approx(2.0)
 
 
 def test_dry_run_estimates_without_requests_or_keys(cache, monkeypatch):
     monkeypatch.delenv(KEY_ENV)
     with FakeOpenAIServer() as server:
         dispatcher = Dispatcher([teacher(server, price_input_per_mtok=1e6, max_tokens=10)], cache, dry_run=True)
-        calls = calls_for("t", 4) + calls_for("t", 1)
-        estimate = dispatcher.estimate(calls)
-        results = dispatcher.run(calls, "dry")
-    assert server.requests == 0 and all(r.text is None and r.error.startswith("DryRun") for r in results)
-    assert estimate["t"]["calls"] == 5 and estimate["t"]["to_call"] == 4
-    assert estimate["t"]["max_output_tokens"] == 40
-    assert estimate["t"]["input_tokens"] == 4 * (len("question 0") // 4 + 1)  # characters / 4
-    assert estimate["t"]["cost_usd"] == pytest.approx(estimate["t"]["input_tokens"])
-    assert dispatcher.estimated == estimate
+        calls = calls_for("t", 4) + calls_for("t", 1, stage="again")
+        by_key = dispatcher.complete_all(calls, "dry")
+        dispatcher.close()
+    results = [by_key[call.key] for call in calls]
+    # nothing is called: a stand-in reply as long as the longest possible (max_tokens * ~4 characters)
+    assert server.requests == 0 and all(r.dry_run and r.error is None and len(r.text) == 40 for r in results)
+    estimate = dispatcher.estimated
+    assert estimate["t"].calls == 5 and estimate["t"].to_call == 4
+    assert estimate["t"].max_output_tokens == 40
+    assert estimate["t"].input_tokens == 4 * (len("question 0") // 4 + 1)  # characters / 4
+    assert estimate["t"].cost_usd == pytest.approx(estimate["t"].input_tokens)
+    assert dispatcher.summary()["t"].calls == 0 and dispatcher.spent_usd == 0  # the estimate is all a dry run makes
 
 
 def test_unset_key_fails_before_any_request(cache, monkeypatch):
@@ -237,13 +270,14 @@ def test_unset_key_fails_before_any_request(cache, monkeypatch):
         with pytest.raises(MapdError, match=KEY_ENV):
             dispatcher.check_keys()
         with pytest.raises(MapdError, match=KEY_ENV):
-            dispatcher.run(calls_for("t", 2), "x")
+            dispatcher.complete_all(calls_for("t", 2), "x")
+        dispatcher.close()
     assert server.requests == 0
 
 
 def test_unknown_teacher_is_an_error(cache):
-    with pytest.raises(MapdError, match="unknown teachers"):
-        Dispatcher([], cache).run(calls_for("nobody", 1), "x")
+    with Dispatcher([], cache) as dispatcher, pytest.raises(MapdError, match="unknown teacher 'nobody'"):
+        dispatcher.complete_all(calls_for("nobody", 1), "x")
 
 
 def test_key_is_sent_but_never_stored(cache):
@@ -259,46 +293,61 @@ def test_summary_has_the_teach_stats_fields(cache):
     with FakeOpenAIServer() as server:
         dispatcher, _ = run([teacher(server)], cache, calls_for("t", 5))
     row = dispatcher.summary()["t"]
-    assert set(row) == {"calls", "cache_hits", "failures", "input_tokens", "output_tokens", "cost_usd", "seconds",
-                        "latency_p50_s", "latency_p95_s"}
-    assert row["calls"] == 5 and row["input_tokens"] > 0 and row["latency_p95_s"] >= row["latency_p50_s"]
+    assert set(row.model_dump()) == {"calls", "cache_hits", "failures", "input_tokens", "output_tokens", "cost_usd",
+                                     "seconds", "latency_p50_s", "latency_p95_s"}
+    assert row.calls == 5 and row.input_tokens > 0 and row.latency_p95_s >= row.latency_p50_s
     assert "t" in dispatcher.summary_table()
 
 
 # -- local teacher ------------------------------------------------------------------------
 
 
-def test_local_teacher_batches_seeds_and_caches(cache, monkeypatch):
-    """The local path with a stand-in model: batches of max_concurrency, seeds from the sample."""
+def test_local_teacher_batches_seeds_and_caches(cache, tmp_path, monkeypatch):
+    """The local path with a stand-in model: batches of max_concurrency with one sample index each, seeded
+    from the batch (the same calls give the same batches and seeds), and cached."""
     batches = []
 
     def fake_generate(model, tokenizer, prompts, **kwargs):
-        batches.append((len(prompts), kwargs["seed"], kwargs["max_new_tokens"]))
+        batches.append(([p[-1]["content"] for p in prompts], kwargs["seed"], kwargs["max_new_tokens"]))
         return [Generation(f"local {p[-1]['content']} s{kwargs['seed']}", 5, 2) for p in prompts]
 
     monkeypatch.setattr("mapd.llm.local_provider.load_model", lambda name, gguf: ("model", "tokenizer"))
     monkeypatch.setattr("mapd.llm.local_provider.generate", fake_generate)
     local = TeacherConfig(name="loc", model="some/model", max_concurrency=4, max_tokens=16)
-    calls = calls_for("loc", 6) + calls_for("loc", 2, sample=1)
-    dispatcher = Dispatcher([local], cache)
-    results = dispatcher.run(calls, "local")
-    assert sorted(batches) == sorted([(4, 0, 16), (2, 1, 16), (2, 100003, 16)])
-    assert results[0].text.startswith("local question 0") and results[6].text.endswith("s100003")
+    calls = calls_for("loc", 6) + calls_for("loc", 2, sample=1, stage="resample")
+    with Dispatcher([local], cache) as dispatcher:
+        by_key = dispatcher.complete_all(calls, "local")
+    results = [by_key[call.key] for call in calls]
+    questions = [f"question {i}" for i in range(6)]
+    assert sorted((len(b[0]), b[2]) for b in batches) == [(2, 16), (2, 16), (4, 16)]
+    assert sorted(q for b in batches[:2] for q in b[0]) == questions  # sample 0: 4 + 2
+    assert sorted(batches[2][0]) == questions[:2]  # sample 1 apart, although its prompts are those of sample 0
+    assert len({seed for _, seed, _ in batches}) == 3  # every batch its own seed
+    assert results[0].text.startswith("local question 0") and results[6].text.endswith(f"s{batches[2][1]}")
+    assert all(r.text.startswith(f"local {call.messages[-1]['content']} ") for r, call in zip(results, calls))
+    first = batches[:]
     batches.clear()
-    again = Dispatcher([local], cache).run(calls, "local")
-    assert batches == [] and [r.text for r in again] == [r.text for r in results]
+    with CallCache(tmp_path / "fresh.sqlite") as fresh, Dispatcher([local], fresh) as dispatcher:  # reproducible
+        anew = dispatcher.complete_all(calls, "local")
+    assert batches == first and {k: r.text for k, r in anew.items()} == {k: r.text for k, r in by_key.items()}
+    batches.clear()
+    with Dispatcher([local], cache) as dispatcher:
+        again = dispatcher.complete_all(calls, "local")
+    assert batches == [] and [again[call.key].text for call in calls] == [r.text for r in results]
+    assert all(again[call.key].cached for call in calls)
 
 
 @pytest.mark.slow
 def test_local_teacher_real_model(cache):
     local = TeacherConfig(name="smol", model="embedded:smollm2-135m-instruct", max_tokens=16, max_concurrency=4,
                           temperature=0.8)
-    calls = [Call("smol", [{"role": "user", "content": q}]) for q in ("What is 2+3?", "Name a colour.")]  # one batch
-    dispatcher = Dispatcher([local], cache)
-    results = dispatcher.run(calls, "smol")
-    assert all(r.text for r in results), [r.error for r in results]
-    assert dispatcher.summary()["smol"]["calls"] == 2 and dispatcher.summary()["smol"]["output_tokens"] > 0
-    fresh = Dispatcher([local], cache)
-    again = fresh.run(calls, "smol")
-    assert [r.text for r in again] == [r.text for r in results]
-    assert fresh.summary()["smol"]["calls"] == 0 and fresh._local["smol"]._loaded is None  # nothing generated or loaded
+    calls = [Call(CallKey("test", str(i), "smol"), [{"role": "user", "content": q}])
+             for i, q in enumerate(("What is 2+3?", "Name a colour."))]  # one batch
+    with Dispatcher([local], cache) as dispatcher:
+        results = dispatcher.complete_all(calls, "smol")
+    assert all(r.text for r in results.values()), [r.error for r in results.values()]
+    assert dispatcher.summary()["smol"].calls == 2 and dispatcher.summary()["smol"].output_tokens > 0
+    with Dispatcher([local], cache) as fresh:
+        again = fresh.complete_all(calls, "smol")
+    assert [again[c.key].text for c in calls] == [results[c.key].text for c in calls]
+    assert fresh.summary()["smol"].calls == 0 and fresh._local["smol"]._loaded is None  # nothing generated or loaded

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import random
+import re
 import socket
 import sqlite3
 import subprocess
@@ -35,6 +36,8 @@ from mapd.llm.openai_provider import Backoff
 KEY_ENV = "MAPD_TEST_KEY"
 FAST = Backoff(initial_s=0.001, max_s=0.01, jitter_s=0.001)
 MAX_RETRIES = 6
+# a tqdm progress bar line: "desc:  40%|####  | 2/5 [00:01<00:02, ...]" or, total unknown, "desc: 3call [00:00, ...]"
+PROGRESS_BAR = re.compile(r"\[\d+:\d\d[<,]")
 
 
 @pytest.fixture
@@ -314,7 +317,7 @@ def test_bad_input_is_one_clear_line_and_deletes_nothing(tmp_path, monkeypatch, 
                                             "answer": "7", "reviews": [], "mean_score": None, "accepted": True}])
     if case != "corrupted cache":
         with CallCache(out / "cache.sqlite") as cache:
-            cache.put("k", CallResult("a paid reply", None, 10, 5), "gpt")
+            cache.put("k", CallResult(None, "a paid reply", None, 10, 5), "gpt")
     setup, names = BAD_INPUT[case]
     with FakeOpenAIServer() as server:
         argv = setup(tmp_path, server.base_url, out)
@@ -324,7 +327,7 @@ def test_bad_input_is_one_clear_line_and_deletes_nothing(tmp_path, monkeypatch, 
         capfd.readouterr()
         assert main(argv) == 2
         assert server.requests == 0
-    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip() and "%|" not in line]  # no bars
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
     assert len(lines) == 1 and lines[0].startswith("mapd: error: ") and names in lines[0], lines
     after = snapshot(out)
     assert {path: after.get(path) for path in before} == before  # every earlier file as it was

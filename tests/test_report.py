@@ -9,6 +9,7 @@ import pytest
 from mapd.errors import MapdError
 from mapd.import_reference import import_reference
 from mapd.io import write_json, write_jsonl
+from mapd.layout import RoundLayout
 from mapd.report import answer_kind, write_report
 
 TEACHERS = ["alpha", "beta", "gamma"]
@@ -187,9 +188,49 @@ def test_not_a_run_folder(tmp_path: Path):
         write_report(tmp_path / "missing")
     with pytest.raises(MapdError, match="no manifest.json"):
         write_report(tmp_path)
-    (tmp_path / "mistakes.jsonl").write_text('{"id": 1}\nnot json\n')
+    mistake = {"id": 1, "question": "What is 1 + 1?", "gold": "2", "output": "3", "answer": "3"}  # integer id: fine
+    (tmp_path / "mistakes.jsonl").write_text(json.dumps(mistake) + "\nnot json\n")
     with pytest.raises(MapdError, match=r"mistakes.jsonl:2"):
         write_report(tmp_path)
+
+
+@pytest.mark.parametrize(("file", "line", "change", "error"), [
+    ("rationales.jsonl", 2, {"accepted": "false"}, "field 'accepted'"),  # a string is not a boolean
+    ("feedback.jsonl", 3, {"teacher": None}, "field 'teacher'"),
+    ("mistakes.jsonl", 1, {"gold": None}, "field 'gold'"),
+    ("eval_before/predictions.jsonl", 4, {"correct": "yes"}, "field 'correct'"),
+    ("model/train_log.jsonl", 2, {"step": None}, "field 'step'"),
+])
+def test_malformed_artifact(full_run: Path, file: str, line: int, change: dict, error: str):
+    """A record with a bad field is one MapdError naming the file, its line and the field."""
+    path = full_run / "round-0" / file
+    records = [json.loads(text) for text in path.read_text().splitlines()]
+    records[line - 1].update(change)
+    write_jsonl(path, records)
+    with pytest.raises(MapdError, match=rf"round-0/{re.escape(file)}:{line}: {error}"):
+        write_report(full_run)
+
+
+@pytest.mark.parametrize(("file", "change", "error"), [
+    ("eval_after/metrics.json", {"accuracy": "high"}, "field 'accuracy'"),
+    ("teach_stats.json", {"alpha": {"calls": 3}}, "field 'alpha.cache_hits': missing"),
+])
+def test_malformed_document(full_run: Path, file: str, change: dict, error: str):
+    path = full_run / "round-1" / file
+    write_json(path, {**json.loads(path.read_text()), **change})
+    with pytest.raises(MapdError, match=rf"round-1/{re.escape(file)}: {error}"):
+        write_report(full_run)
+
+
+def test_round_folder_with_an_evaluation_only(tmp_path: Path):
+    """A folder holding only an evaluation still reads as a round folder; every other file is absent."""
+    make_round(tmp_path, before=True)
+    for name in ("mistakes.jsonl", "feedback.jsonl", "rationales.jsonl", "teach_stats.json", "train.jsonl"):
+        (tmp_path / name).unlink()
+    (tmp_path / "eval_before" / "metrics.json").unlink()  # killed before its metrics were written
+    markdown = (write_report(tmp_path), (tmp_path / "report.md").read_text())[1]
+    assert "[4 wrong of 5](eval_before/predictions.jsonl)" in markdown
+    assert _md_row(markdown, "mistakes")[1:4] == ["absent", "—", "mistakes.jsonl absent"]
 
 
 def test_answer_kind():
@@ -206,7 +247,7 @@ def test_svamp_reference(shared: Path, tmp_path: Path):
     """The folder `mapd import-reference` makes from the reference SVAMP files shows the real figures."""
     data = shared / "reference-data"
     files = {kind: data / f"Llama-2-7b-chat-hf_svamp_{kind}_round0.json" for kind in ("false", "feedback", "rationale")}
-    import_reference("svamp", files["false"], files["feedback"], files["rationale"], tmp_path)
+    import_reference("svamp", files["false"], files["feedback"], files["rationale"], RoundLayout(tmp_path))
     page = write_report(tmp_path).read_text()
     markdown = (tmp_path / "report.md").read_text()
 

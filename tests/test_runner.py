@@ -114,3 +114,68 @@ def test_two_rounds(run_config, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["rounds"]) == 2
     assert (out / "round-1" / "model" / "config.json").exists()
+
+
+# -- users' own files through the stage commands --------------------------------------------------
+
+
+def test_a_mistakes_file_with_integer_ids_works_end_to_end(run_config, tmp_path, tiny_model_dir, capsys):
+    """A mistakes.jsonl whose ids are JSON integers goes through `mapd teach`, `mapd build`, `mapd train`,
+    `mapd eval` and `mapd report`; the ids come out as strings in every artifact."""
+    config_path, server = run_config
+    out = tmp_path / "round"
+    mistakes = [{"id": i, "question": f"What is {i} + 7 - {i}?", "gold": "7", "output": f"{i} + 7 = {i + 7}",
+                 "answer": str(i + 7), "status": "wrong"} for i in range(4)]
+    write_jsonl(out / "mistakes.jsonl", mistakes)
+    assert [type(json.loads(line)["id"]) for line in (out / "mistakes.jsonl").read_text().splitlines()] == [int] * 4
+    ids = [str(i) for i in range(4)]
+
+    config = ["--config", str(config_path)]
+    assert main(["teach", *config, "--mistakes", str(out / "mistakes.jsonl"), "--out", str(out)]) == 0
+    assert server.requests == 4 * 2 * 3  # feedback, rationale and one review, per mistake and teacher
+    assert main(["build", "--run", str(out), *config]) == 0
+    assert main(["train", *config, "--model", str(tiny_model_dir), "--data", str(out / "train.jsonl"),
+                 "--out", str(out / "model")]) == 0
+    assert main(["eval", "--model", str(out / "model"), "--task", "jsonl", "--data", str(tmp_path / "data"),
+                 "--max-new-tokens", "8", "--batch-size", "8", "--out", str(out / "eval_after")]) == 0
+    assert main(["report", str(out)]) == 0
+    capsys.readouterr()
+
+    feedback, rationales = read_jsonl(out / "feedback.jsonl"), read_jsonl(out / "rationales.jsonl")
+    assert [(r["id"], r["teacher"]) for r in feedback] == [(i, t) for i in ids for t in ("gpt", "gemini")]
+    assert [(r["id"], r["teacher"]) for r in rationales] == [(i, t) for i in ids for t in ("gpt", "gemini")]
+    assert all(r["accepted"] is True and r["text"] for r in rationales)  # every review scores 4
+    train = read_jsonl(out / "train.jsonl")
+    assert [(r["id"], r["kind"]) for r in train] == [(i, kind) for i in ids for kind in ("feedback", "rationale")]
+    assert [r["step"] for r in read_jsonl(out / "model" / "train_log.jsonl")] == [1, 2]
+    assert (out / "model" / "config.json").exists()
+    predictions = read_jsonl(out / "eval_after" / "predictions.jsonl")
+    assert len(predictions) == 4 and all(isinstance(r["id"], str) for r in predictions)
+    assert json.loads((out / "eval_after" / "metrics.json").read_text())["n"] == 4
+    assert (out / "report.html").exists() and (out / "report.md").exists()
+
+
+def test_a_boolean_given_as_a_string_is_refused_by_build(tmp_path, capfd):
+    """`"accepted": "false"` in rationales.jsonl is one `mapd: error:` line naming file:line and field,
+    never counted as an accepted rationale; the JSON boolean builds."""
+    out = tmp_path / "round"
+    write_jsonl(out / "mistakes.jsonl", [{"id": "q0", "question": "What is 3 + 4?", "gold": "7",
+                                          "output": "3 + 4 = 8", "answer": "8", "status": "wrong"}])
+    write_jsonl(out / "feedback.jsonl", [{"id": "q0", "teacher": t, "text": "Add again.", "error": None}
+                                         for t in ("gpt", "gemini")])
+    rationale = {"id": "q0", "text": "3 + 4 = 7. The answer is 7.", "error": None, "answer": "7", "reviews": [],
+                 "mean_score": None}
+    rationales = [{**rationale, "teacher": "gpt", "accepted": True},
+                  {**rationale, "teacher": "gemini", "accepted": "false"}]
+    write_jsonl(out / "rationales.jsonl", rationales)
+    capfd.readouterr()
+    assert main(["build", "--run", str(out)]) == 2
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"mapd: error: {out / 'rationales.jsonl'}:2: field 'accepted': "), lines
+    assert not (out / "train.jsonl").exists()
+
+    write_jsonl(out / "rationales.jsonl", [rationales[0], {**rationales[1], "accepted": False}])
+    assert main(["build", "--run", str(out), "--mode", "single:gemini"]) == 0  # single: used though not accepted
+    assert [(r["kind"], r["teacher"]) for r in read_jsonl(out / "train.jsonl")] == [("feedback", "gemini"),
+                                                                                   ("rationale", "gemini")]

@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mapd.answers import ANSWER_FORMATS
 from mapd.cli import main
+from mapd.config import BuildConfig, PromptConfig, TrainConfig
 from mapd.errors import MapdError
 from mapd.io import read_jsonl, write_jsonl
-from mapd.prompts import ANSWER_FORMATS, PromptConfig
-from mapd.stages.build import build, infer_answer_kind, run_build
-from mapd.train import JointCollator, TrainConfig, kind_losses, load_pairs, make_trainer, run_train, tokenize_pair
+from mapd.layout import RoundLayout
+from mapd.records import Feedback, Mistake, Rationale, TrainingPair
+from mapd.stages.build import build_pairs, infer_answer_kind, run_build
+from mapd.train import JointCollator, kind_losses, load_pairs, make_trainer, tokenize_pair, train_model
 
 # ---------------------------------------------------------------- fixtures
 
@@ -55,6 +58,11 @@ def pairs(n: int = 8) -> list[dict]:
     return records
 
 
+def training_pairs(n: int = 8) -> list[TrainingPair]:
+    """pairs(n) as the TrainingPair records tokenize_pair takes."""
+    return [TrainingPair.model_validate(record) for record in pairs(n)]
+
+
 def fast_config(**overrides) -> TrainConfig:
     fields = dict(
         learning_rate=1e-2, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=96,
@@ -74,14 +82,14 @@ def train_file(tmp_path) -> Path:
 def test_prompt_and_padding_labels_are_masked(tokenizer):
     from mapd.generation import render_prompt
 
-    records = pairs(3)[:3]  # rationale, feedback, rationale: different lengths
+    records = training_pairs(3)[:3]  # rationale, feedback, rationale: different lengths
     features = [tokenize_pair(tokenizer, r, max_length=256) for r in records]
     batch = JointCollator(tokenizer)(features)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # so masking by position, not by id, matters
     for row, record in enumerate(records):
-        prompt_text = render_prompt(tokenizer, [{"role": "user", "content": record["prompt"]}])
+        prompt_text = render_prompt(tokenizer, [{"role": "user", "content": record.prompt}])
         n_prompt = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        completion = tokenizer(record.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         n = n_prompt + len(completion)
         labels = batch["labels"][row].tolist()
         assert labels[:n_prompt] == [-100] * n_prompt
@@ -94,20 +102,20 @@ def test_prompt_and_padding_labels_are_masked(tokenizer):
 
 
 def test_truncation_keeps_the_completion_and_the_prompt_end(tokenizer):
-    record = {"id": "1", "kind": "rationale", "prompt": "word " * 300, "completion": "The answer is 4."}
+    record = TrainingPair(id="1", kind="rationale", teacher="t", prompt="word " * 300, completion="The answer is 4.")
     feature = tokenize_pair(tokenizer, record, max_length=64)
     completion = tokenizer("The answer is 4.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert len(feature["input_ids"]) == 64
     assert feature["labels"][-len(completion):] == completion
     assert tokenizer.decode(feature["input_ids"][: 64 - len(completion)]).endswith("<|im_start|>assistant\n")
-    long = tokenize_pair(tokenizer, {**record, "completion": "step " * 300}, max_length=64)
+    long = tokenize_pair(tokenizer, record.model_copy(update={"completion": "step " * 300}), max_length=64)
     assert len(long["input_ids"]) == 64 and long["labels"].count(-100) == 32  # half the room to the prompt
 
 
 def test_batches_are_grouped_by_length_and_padded_dynamically(tokenizer, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    features = [tokenize_pair(tokenizer, r, 256) for r in pairs(16)]
+    features = [tokenize_pair(tokenizer, r, 256) for r in training_pairs(16)]
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     widths = {}
     for grouped in (True, False):
@@ -144,7 +152,7 @@ def test_joint_loss_equals_weighted_kind_means(tokenizer, tiny_model, tmp_path, 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    features = [tokenize_pair(tokenizer, r, 128) for r in pairs(3)]  # 3 rationale + 3 feedback, varied lengths
+    features = [tokenize_pair(tokenizer, r, 128) for r in training_pairs(3)]  # 3 rationale + 3 feedback, varied lengths
     trainer = make_trainer(fast_config(alpha=alpha), model, tokenizer, features, tmp_path, bf16=False)
     with torch.no_grad():
         loss = trainer.compute_loss(model, JointCollator(tokenizer)(features))
@@ -153,6 +161,28 @@ def test_joint_loss_equals_weighted_kind_means(tokenizer, tiny_model, tmp_path, 
         only_rationales = [f for f in features if not f["is_feedback"]]
         loss = trainer.compute_loss(model, JointCollator(tokenizer)(only_rationales))
         assert float(loss) == pytest.approx(float((1 - alpha) * l_r), rel=1e-4)  # absent kind: term 0
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.2])
+def test_a_single_kind_micro_batch_weighs_its_kind_alone(tokenizer, tiny_model, tmp_path, alpha):
+    """No renormalisation either way (docs/training.md#the-joint-loss-in-practice): a feedback-only
+    micro-batch counts alpha of its loss, a rationale-only one 1 - alpha, and their mean is the
+    weighting that length-grouped (often single-kind) micro-batches give in expectation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    features = [tokenize_pair(tokenizer, r, 128) for r in training_pairs(3)]
+    trainer = make_trainer(fast_config(alpha=alpha), model, tokenizer, features, tmp_path, bf16=False)
+    only_feedback = [f for f in features if f["is_feedback"]]
+    only_rationales = [f for f in features if not f["is_feedback"]]
+    with torch.no_grad():
+        l_f, l_r = hand_loss(model, features, True), hand_loss(model, features, False)
+        on_feedback = trainer.compute_loss(model, JointCollator(tokenizer)(only_feedback))
+        on_rationales = trainer.compute_loss(model, JointCollator(tokenizer)(only_rationales))
+    assert float(on_feedback) == pytest.approx(float(alpha * l_f), rel=1e-4)
+    mean = (float(on_feedback) + float(on_rationales)) / 2  # each kind present in half the micro-batches
+    assert mean == pytest.approx(float(alpha * 0.5 * l_f + (1 - alpha) * 0.5 * l_r), rel=1e-4)
 
 
 def test_kind_losses_ignore_masked_tokens():
@@ -175,7 +205,7 @@ def test_training_loss_falls_and_saves_a_loadable_model(tiny_model, train_file, 
     from mapd.generation import load_model
 
     out = tmp_path / "model"
-    result = run_train(fast_config(max_steps=12, learning_rate=3e-2), str(tiny_model), train_file, out)
+    result = train_model(fast_config(max_steps=12, learning_rate=3e-2), str(tiny_model), train_file, out)
     assert result["steps"] == 12 and result["pairs"] == 16
     log = read_jsonl(out / "train_log.jsonl")
     assert [r["step"] for r in log] == list(range(1, 13))
@@ -191,10 +221,10 @@ def test_training_loss_falls_and_saves_a_loadable_model(tiny_model, train_file, 
 
 def test_training_resumes_from_the_last_checkpoint(tiny_model, train_file, tmp_path, capsys):
     out = tmp_path / "model"
-    assert run_train(fast_config(max_steps=2, save_steps=2), str(tiny_model), train_file, out)["steps"] == 2
+    assert train_model(fast_config(max_steps=2, save_steps=2), str(tiny_model), train_file, out)["steps"] == 2
     assert (out / "checkpoint-2").is_dir()
     capsys.readouterr()
-    result = run_train(fast_config(max_steps=4, save_steps=2), str(tiny_model), train_file, out)
+    result = train_model(fast_config(max_steps=4, save_steps=2), str(tiny_model), train_file, out)
     assert result["steps"] == 4
     assert "resumed from checkpoint-2" in capsys.readouterr().out
     assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2, 3, 4]
@@ -206,17 +236,17 @@ def test_lora_trains_and_saves_merged_or_adapter(tiny_model, train_file, tmp_pat
     from transformers import AutoModelForCausalLM
 
     config = fast_config(max_steps=2, lora=True, lora_r=4, lora_alpha=8)
-    run_train(config, str(tiny_model), train_file, tmp_path / "merged")
+    train_model(config, str(tiny_model), train_file, tmp_path / "merged")
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in model.named_parameters())
-    run_train(config.model_copy(update={"merge_lora": False}), str(tiny_model), train_file, tmp_path / "adapter")
+    train_model(config.model_copy(update={"merge_lora": False}), str(tiny_model), train_file, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
 def test_alpha_zero_trains_on_rationales_only(train_file):
-    assert {p["kind"] for p in load_pairs(train_file, 0.0)} == {"rationale"}
-    assert {p["kind"] for p in load_pairs(train_file, 1.0)} == {"feedback"}
+    assert {p.kind for p in load_pairs(train_file, 0.0)} == {"rationale"}
+    assert {p.kind for p in load_pairs(train_file, 1.0)} == {"feedback"}
     assert len(load_pairs(train_file, 0.5)) == 16
 
 
@@ -225,13 +255,15 @@ def test_bad_training_data_is_a_located_error(tmp_path):
     empty.write_text("")
     with pytest.raises(MapdError, match="no training pairs"):
         load_pairs(empty, 0.5)
-    missing = write_jsonl(tmp_path / "missing.jsonl", [{"id": "1", "kind": "feedback", "prompt": "q"}])
-    with pytest.raises(MapdError, match=r"missing.jsonl record 1: missing field 'completion'"):
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"id": "1", "kind": "feedback", "teacher": "t", "prompt": "q"}])
+    with pytest.raises(MapdError, match=r"missing.jsonl:1: field 'completion': missing"):
         load_pairs(missing, 0.5)
-    kind = write_jsonl(tmp_path / "kind.jsonl", [{"id": "1", "kind": "other", "prompt": "q", "completion": "a"}])
-    with pytest.raises(MapdError, match="kind is 'other'"):
+    kind = write_jsonl(tmp_path / "kind.jsonl", [{"id": "1", "kind": "other", "teacher": "t", "prompt": "q",
+                                                  "completion": "a"}])
+    with pytest.raises(MapdError, match=r"kind.jsonl:1: field 'kind': .*\(got 'other'\)"):
         load_pairs(kind, 0.5)
-    feedback_only = write_jsonl(tmp_path / "fb.jsonl", [{"id": "1", "kind": "feedback", "prompt": "q", "completion": "a"}])
+    feedback_only = write_jsonl(tmp_path / "fb.jsonl", [{"id": "1", "kind": "feedback", "teacher": "t", "prompt": "q",
+                                                         "completion": "a"}])
     with pytest.raises(MapdError, match="rationale pairs only"):
         load_pairs(feedback_only, 0.0)
     with pytest.raises(MapdError, match="file not found"):
@@ -271,11 +303,13 @@ RATIONALES = [
 
 
 def run(mode, seed=731, mistakes=MISTAKES, feedback=FEEDBACK, rationales=RATIONALES):
-    return build(mistakes, feedback, rationales, mode=mode, seed=seed, prompts=PromptConfig(), answer_kind="number")
+    return build_pairs([Mistake.model_validate(m) for m in mistakes], [Feedback.model_validate(f) for f in feedback],
+                       [Rationale.model_validate(r) for r in rationales], build=BuildConfig(mode=mode, seed=seed),
+                       prompts=PromptConfig(), answer_kind="number")
 
 
 def chosen(records, kind):
-    return {r["id"]: r["teacher"] for r in records if r["kind"] == kind}
+    return {r.id: r.teacher for r in records if r.kind == kind}
 
 
 def test_build_mixed_uses_accepted_rationales_and_counts_drops():
@@ -298,23 +332,25 @@ def test_build_mixed_choice_is_seeded_per_mistake():
     gone = {m["id"] for m in many[:5]}
     fewer = run("mixed", 1, many[5:], [f for f in feedback if f["id"] not in gone],
                 [r for r in rationales if r["id"] not in gone])[0]
-    assert [r for r in first if r["id"] not in gone] == fewer  # other mistakes keep their draws
+    assert [r for r in first if r.id not in gone] == fewer  # other mistakes keep their draws
 
 
 def test_build_prompts_are_the_templates_filled_in():
     prompts = PromptConfig()
     records, _ = run("mixed")
-    feedback = next(r for r in records if r["kind"] == "feedback" and r["id"] == "m1")
-    assert feedback["prompt"] == prompts.feedback.format(question="Question m1?", student_answer="wrong answer m1", gold="5")
-    assert feedback["completion"] == f"{feedback['teacher']} on m1"
-    rationale = next(r for r in records if r["kind"] == "rationale" and r["id"] == "m1")
-    assert rationale["prompt"] == prompts.answer.format(question="Question m1?", answer_format=ANSWER_FORMATS["number"])
-    assert set(rationale) == {"id", "kind", "teacher", "prompt", "completion"}
+    feedback = next(r for r in records if r.kind == "feedback" and r.id == "m1")
+    assert feedback.prompt == prompts.feedback.format(question="Question m1?", student_answer="wrong answer m1", gold="5")
+    assert feedback.completion == f"{feedback.teacher} on m1"
+    rationale = next(r for r in records if r.kind == "rationale" and r.id == "m1")
+    assert rationale.prompt == prompts.answer.format(question="Question m1?", answer_format=ANSWER_FORMATS["number"])
+    # TRL's prompt-completion form, plus the system message (none configured here)
+    assert set(rationale.model_dump()) == {"id", "kind", "teacher", "system", "prompt", "completion"}
+    assert rationale.system is None and feedback.system is None
 
 
 def test_build_single_teacher_ignores_review():
     records, counts = run("single:a")
-    assert {r["teacher"] for r in records} == {"a"}
+    assert {r.teacher for r in records} == {"a"}
     assert chosen(records, "rationale") == {"m1": "a", "m3": "a"}  # m3's rationale was rejected: used anyway
     assert counts["dropped_no_feedback"] == 2  # m2 and m4 have no feedback text from a
     with pytest.raises(MapdError, match=r"unknown teacher 'zz' \(teachers: a, b, c\)"):
@@ -327,24 +363,29 @@ def test_build_no_review_and_all():
     assert chosen(records, "rationale")["m3"] in {"a", "b"}  # c's m3 has no text
     records, counts = run("all")
     assert counts["pairs"] == {"feedback": 4, "rationale": 3}
-    assert sorted(r["completion"] for r in records if r["kind"] == "rationale") == ["a's m1", "b's m1", "c's m4"]
+    assert sorted(r.completion for r in records if r.kind == "rationale") == ["a's m1", "b's m1", "c's m4"]
     with pytest.raises(MapdError, match="unknown"):
         run("best")
 
 
-def test_build_later_line_wins_and_bad_records_are_located():
+def test_build_later_line_wins_and_bad_records_are_located(tmp_path):
     records, _ = run("all", feedback=FEEDBACK + [fb("m1", "a", "a again")])
-    assert "a again" in {r["completion"] for r in records} and "a on m1" not in {r["completion"] for r in records}
-    with pytest.raises(MapdError, match=r"feedback.jsonl record 10: id 'nope' is not in mistakes.jsonl"):
+    assert "a again" in {r.completion for r in records} and "a on m1" not in {r.completion for r in records}
+    with pytest.raises(MapdError, match=r"feedback: record 10: field 'id': 'nope' is not in the mistakes file"):
         run("mixed", feedback=FEEDBACK + [fb("nope", "a")])
-    with pytest.raises(MapdError, match=r"rationales.jsonl record 1: missing field\(s\) accepted"):
-        run("mixed", rationales=[{"id": "m1", "teacher": "a", "text": "x"}])
+    folder = write_run(tmp_path)  # a record missing a field is refused where it is read
+    write_jsonl(folder / "rationales.jsonl", [{"id": "m1", "teacher": "a", "text": "x"}])
+    with pytest.raises(MapdError, match=r"rationales.jsonl:1: field 'accepted': missing"):
+        run_build(RoundLayout(folder), task=None, build=BuildConfig(), prompts=PromptConfig())
 
 
 def test_infer_answer_kind():
-    assert infer_answer_kind([{"gold": "true"}, {"gold": "false"}]) == "bool"
-    assert infer_answer_kind([{"gold": "A"}, {"gold": "D"}]) == "choice"
-    assert infer_answer_kind([{"gold": "145"}, {"gold": "true"}]) == "number"
+    def golds(*values):
+        return [Mistake.model_validate(mistake(str(i)) | {"gold": gold}) for i, gold in enumerate(values)]
+
+    assert infer_answer_kind(golds("true", "false")) == "bool"
+    assert infer_answer_kind(golds("A", "D")) == "choice"
+    assert infer_answer_kind(golds("145", "true")) == "number"
 
 
 def write_run(folder: Path) -> Path:
@@ -354,10 +395,69 @@ def write_run(folder: Path) -> Path:
 
 
 def test_run_build_writes_train_jsonl(tmp_path, capsys):
-    counts = run_build(write_run(tmp_path), mode="mixed", seed=731)
+    counts = run_build(RoundLayout(write_run(tmp_path)), task=None, build=BuildConfig(mode="mixed", seed=731),
+                       prompts=PromptConfig())
     assert counts["answer_kind"] == "number"
     assert len(read_jsonl(tmp_path / "train.jsonl")) == 4
     assert "2 feedback + 2 rationale pairs" in capsys.readouterr().out
+
+
+def test_pair_text_is_what_the_student_sees_at_evaluation(tokenizer):
+    """The text a pair is trained on is exactly what the student sees at evaluation, system message included."""
+    import torch
+
+    from mapd import generation
+    from mapd.evaluate import evaluate
+    from mapd.prompts import answer_messages, feedback_messages
+    from mapd.tasks import Example
+
+    prompts = PromptConfig(system="You are a careful math tutor. Check every step.")
+    mistakes = {m["id"]: Mistake.model_validate(m) for m in MISTAKES}
+    records, counts = build_pairs(
+        list(mistakes.values()), [Feedback.model_validate(f) for f in FEEDBACK],
+        [Rationale.model_validate(r) for r in RATIONALES], build=BuildConfig(mode="all"), prompts=prompts,
+        answer_kind="number",
+    )
+    assert counts["pairs"] == {"feedback": 4, "rationale": 3}
+
+    class Student:
+        """Records the token ids generation hands the model (padding dropped); answers eos at once."""
+
+        def __init__(self) -> None:
+            self.seen: list[list[int]] = []
+
+        def parameters(self):
+            yield torch.zeros(1)
+
+        def generate(self, input_ids, attention_mask, **options):
+            self.seen += [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+            return torch.cat([input_ids, torch.full((len(input_ids), 1), tokenizer.eos_token_id)], dim=1)
+
+    def trained_prompt(pair: TrainingPair) -> list[int]:
+        feature = tokenize_pair(tokenizer, pair, max_length=1024)  # room enough: nothing is cut
+        n = feature["labels"].index(next(label for label in feature["labels"] if label != -100))
+        assert feature["input_ids"][n:] == feature["labels"][n:]  # the rest is the completion, learned
+        return feature["input_ids"][:n]
+
+    def rendered(messages) -> list[int]:
+        return tokenizer(generation.render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+    student = Student()
+    for pair in records:
+        mistake = mistakes[pair.id]
+        assert pair.system == prompts.system
+        if pair.kind == "rationale":  # the student's own evaluation prompt for the question
+            messages = answer_messages(prompts, mistake.question, "number")
+            evaluate(student, tokenizer, [Example(id=mistake.id, question=mistake.question, gold=mistake.gold)],
+                     "number", prompts, batch_size=1, max_new_tokens=4)
+        else:  # the feedback prompt, rendered by the same generation path
+            messages = feedback_messages(prompts, mistake.question, mistake.output, mistake.gold, "number")
+            generation.generate(student, tokenizer, [messages], max_new_tokens=4, batch_size=1)
+        prompt_ids = trained_prompt(pair)
+        assert prompt_ids == student.seen[-1] == rendered(messages), (pair.kind, pair.id)
+        text = tokenizer.decode(prompt_ids)
+        assert prompts.system in text and "SmolLM" not in text  # our system message, not the template's default
+        assert text.endswith("<|im_start|>assistant\n")
 
 
 # ---------------------------------------------------------------- the CLI
@@ -397,7 +497,7 @@ def test_gguf_student_trains_and_saves_safetensors(tmp_path, form):
     try:
         model = ("embedded:smollm2-135m-instruct", None) if form == "embedded name" else \
             resolve_model("embedded:smollm2-135m-instruct")  # a folder holding the .gguf file
-        result = run_train(config, model[0], data, tmp_path / "model", gguf_file=model[1])
+        result = train_model(config, model[0], data, tmp_path / "model", gguf_file=model[1])
     except MapdError as exc:
         pytest.skip(str(exc))
     assert result["steps"] == 2 and result["pairs"] == 4

@@ -112,6 +112,13 @@ REFUSAL = re.compile(
     r"\b(?:not\s+enough|insufficient|additional|more)\s+information\b|"
     r"\bdo(?:es)?\s+not\s+(?:provide|mention|contain)\b|\bup\s+to\s+you\b", re.I)
 # The requested format as the text's last sentence: "The answer is X." (a "So," in front is fine).
+# The answer line each prompt asks for (mapd.prompts fills {answer_format} with it) and STRICT below, the
+# parser that checks a text ended with it: change them together.
+ANSWER_FORMATS = {
+    "number": 'End with the line "The answer is N." where N is the final number.',
+    "bool": 'End with the line "The answer is true." or "The answer is false."',
+    "choice": 'End with the line "The answer is X." where X is the letter of the correct option.',
+}
 STRICT = re.compile(r"^(?:(?:so|therefore|thus|hence),?\s+)?the\s+answer\s+is\s*:?\s*(?P<value>.+?)\s*[.!]?$", re.I)
 
 # --- patterns: yes / no ---------------------------------------------------------------------------------

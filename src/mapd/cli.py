@@ -19,7 +19,7 @@ def _config(path: str | None):
 
 
 def _task_config(args: argparse.Namespace):
-    from mapd.tasks import TaskConfig
+    from mapd.config import TaskConfig
 
     fields = {"name": args.task}
     if getattr(args, "data", None):
@@ -27,49 +27,57 @@ def _task_config(args: argparse.Namespace):
     return TaskConfig(**fields)
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from mapd.evaluate import run_eval
+def _stage(run, folder, config, **extra) -> None:
+    """Call a stage wrapper with the config fields it names (as ``mapd run`` does)."""
+    from mapd.runner import stage_sections
 
-    run_eval(
-        model=args.model,
-        task_config=_task_config(args),
-        split=args.split,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        out_dir=Path(args.out),
-    )
+    run(folder, **stage_sections(run, config), **extra)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mapd.config import PromptConfig
+    from mapd.evaluate import evaluate_model
+    from mapd.layout import EvalLayout
+
+    evaluate_model(EvalLayout(Path(args.out)), model=args.model, task=_task_config(args), split=args.split,
+                   limit=args.limit, prompts=PromptConfig(), batch_size=args.batch_size,
+                   max_new_tokens=args.max_new_tokens)
 
 
 def cmd_mine(args: argparse.Namespace) -> None:
-    config = _config(args.config)
+    from mapd.layout import RoundLayout
     from mapd.stages.mine import run_mine
 
+    config = _config(args.config)
     with folder_lock(args.out):
-        run_mine(config, Path(args.out))
+        _stage(run_mine, RoundLayout(Path(args.out)), config)
 
 
 def cmd_teach(args: argparse.Namespace) -> None:
-    config = _config(args.config)
+    from mapd.layout import RoundLayout
     from mapd.stages.teach import run_teach
 
+    config = _config(args.config)
+    folder = RoundLayout(Path(args.out), mistakes_file=Path(args.mistakes))
     with nullcontext() if args.dry_run else folder_lock(args.out):  # a dry run writes nothing
-        run_teach(config, Path(args.mistakes), Path(args.out), dry_run=args.dry_run)
+        _stage(run_teach, folder, config, dry_run=args.dry_run)
 
 
 def cmd_build(args: argparse.Namespace) -> None:
+    from mapd.layout import RoundLayout
     from mapd.stages.build import run_build
-    from mapd.tasks import get_task
 
+    if not Path(args.run).is_dir():
+        raise MapdError(f"--run {args.run}: no such folder")
     config = _config(args.config)
-    answer_kind = get_task(config.task).answer_kind if args.config else None  # None: inferred from the golds
+    build = config.build.model_copy(update={"mode": args.mode}) if args.mode else config.build
+    task = config.task if args.config else None  # None: the answer kind is inferred from the golds
     with folder_lock(args.run):
-        run_build(Path(args.run), mode=args.mode or config.build.mode, seed=config.build.seed,
-                  prompts=config.prompts, answer_kind=answer_kind)
+        run_build(RoundLayout(Path(args.run)), task=task, build=build, prompts=config.prompts)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mapd.train import run_train
+    from mapd.train import train_model
 
     config = _config(args.config)
     overrides = {k: v for k, v in {"alpha": args.alpha, "max_steps": args.max_steps}.items() if v is not None}
@@ -80,8 +88,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     # under `accelerate launch` every process runs this command on the same folder: no lock there
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     with nullcontext() if distributed else folder_lock(args.out):
-        run_train(train_config, model=args.model or config.student.model, data=Path(args.data), out_dir=Path(args.out),
-                  gguf_file=gguf_file)
+        train_model(train_config, model=args.model or config.student.model, data=Path(args.data),
+                    out_dir=Path(args.out), gguf_file=gguf_file)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -92,10 +100,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_import_reference(args: argparse.Namespace) -> None:
     from mapd.import_reference import import_reference
+    from mapd.layout import RoundLayout
 
     with folder_lock(args.out):
         import_reference(args.task, Path(args.mistakes), args.feedback and Path(args.feedback),
-                         args.rationale and Path(args.rationale), Path(args.out))
+                         args.rationale and Path(args.rationale), RoundLayout(Path(args.out)))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -173,7 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_reference)
 
     p = sub.add_parser("config", help="Print the embedded default config with every field documented.")
-    p.add_argument("--show", action="store_true", help="Print it (the only action).")
     p.set_defaults(func=cmd_config)
     return parser
 

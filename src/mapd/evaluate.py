@@ -13,9 +13,11 @@ from tqdm import tqdm
 
 from mapd import generation
 from mapd.answers import extract, is_correct
-from mapd.io import write_json, write_jsonl
-from mapd.prompts import PromptConfig
-from mapd.tasks import Example, TaskConfig, get_task
+from mapd.config import PromptConfig, StudentConfig, TaskConfig
+from mapd.layout import EvalLayout, RoundLayout
+from mapd.prompts import answer_messages
+from mapd.records import Metrics, Prediction, write_document, write_records
+from mapd.tasks import Example, get_task
 
 
 def evaluate(
@@ -31,34 +33,36 @@ def evaluate(
     top_p: float = 1.0,
     seed: int | None = None,
     desc: str = "eval",
-) -> list[dict[str, Any]]:
+) -> list[Prediction]:
     """Answer every example and score it: one prediction record per example, in order."""
-    messages = [prompts.answer_messages(example.question, answer_kind) for example in examples]
+    messages = [answer_messages(prompts, example.question, answer_kind) for example in examples]
     with tqdm(total=len(examples), desc=desc, unit="question") as bar:
         outputs = generation.generate(
             model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             batch_size=batch_size, seed=seed, on_batch=bar.update,
         )
     predictions = []
-    for example, output in zip(examples, outputs):
+    for example, output in zip(examples, outputs, strict=True):  # generate answers in input order
         extraction = extract(output.text, answer_kind, example.options)
-        predictions.append({
-            "id": example.id, "question": example.question, "output": output.text, "answer": extraction.answer,
-            "status": extraction.status, "strict": extraction.strict, "gold": example.gold,
-            "correct": is_correct(extraction.answer, example.gold, answer_kind),
-        })
+        predictions.append(Prediction(
+            id=example.id, question=example.question, output=output.text, answer=extraction.answer,
+            # a text cut off before it committed ("truncated") has no answer: "unparsed" (docs/formats.md)
+            status="ok" if extraction.answer is not None else "unparsed", strict=extraction.strict, gold=example.gold,
+            correct=is_correct(extraction.answer, example.gold, answer_kind),
+        ))
     return predictions
 
 
-def metrics(predictions: list[dict[str, Any]]) -> dict[str, float | int]:
-    """n, accuracy, strict_accuracy (correct in the strict answer format) and unparsed_rate."""
+def metrics(predictions: list[Prediction], *, task: str, split: str, model: str, seconds: float) -> Metrics:
+    """Accuracy, strict_accuracy (correct in the strict answer format) and unparsed_rate of ``predictions``."""
     n = len(predictions)
     counts = {
-        "accuracy": sum(p["correct"] for p in predictions),
-        "strict_accuracy": sum(p["correct"] and p["strict"] for p in predictions),
-        "unparsed_rate": sum(p["status"] == "unparsed" for p in predictions),
+        "accuracy": sum(p.correct for p in predictions),
+        "strict_accuracy": sum(p.correct and p.strict for p in predictions),
+        "unparsed_rate": sum(p.status == "unparsed" for p in predictions),
     }
-    return {"n": n, **{name: count / n if n else 0.0 for name, count in counts.items()}}
+    return Metrics(task=task, split=split, model=model, n=n, seconds=round(seconds, 2),
+                   **{name: count / n if n else 0.0 for name, count in counts.items()})
 
 
 def predict_split(
@@ -71,7 +75,7 @@ def predict_split(
     gguf_file: str | None = None,
     desc: str = "eval",
     **generation_options: Any,
-) -> tuple[list[dict[str, Any]], float]:
+) -> tuple[list[Prediction], float]:
     """Load a task's split (first, so bad data fails before the model loads) and the model, then
     :func:`evaluate`; returns the predictions and the seconds spent answering (model load excluded).
     ``generation_options`` are evaluate()'s keywords (batch_size, max_new_tokens, temperature, ...)."""
@@ -83,28 +87,44 @@ def predict_split(
     return predictions, time.perf_counter() - start
 
 
-def run_eval(
+def evaluate_model(
+    out: EvalLayout,
+    *,
     model: str,
-    task_config: TaskConfig,
+    task: TaskConfig,
     split: str,
     limit: int | None,
+    prompts: PromptConfig,
     batch_size: int,
     max_new_tokens: int,
-    out_dir: Path,
-    prompts: PromptConfig | None = None,
     gguf_file: str | None = None,
-) -> dict[str, Any]:
-    """Greedy evaluation of ``model`` on a split: writes predictions.jsonl and metrics.json
-    in ``out_dir``, prints a summary and returns the metrics."""
+) -> Metrics:
+    """Greedy evaluation of ``model`` on a split: writes predictions.jsonl and metrics.json, prints a
+    summary and returns the metrics."""
     predictions, seconds = predict_split(
-        model, task_config, split, limit, prompts or PromptConfig(), gguf_file=gguf_file,
-        desc=f"eval {task_config.name}/{split}", batch_size=batch_size, max_new_tokens=max_new_tokens,
+        model, task, split, limit, prompts, gguf_file=gguf_file, desc=f"eval {task.name}/{split}",
+        batch_size=batch_size, max_new_tokens=max_new_tokens,
     )
-    result = {"task": task_config.name, "split": split, "model": model, **metrics(predictions),
-              "seconds": round(seconds, 2)}
-    out_dir = Path(out_dir)
-    write_jsonl(out_dir / "predictions.jsonl", predictions)
-    write_json(out_dir / "metrics.json", result)
-    print(f"{task_config.name}/{split}: accuracy {result['accuracy']:.1%} (strict {result['strict_accuracy']:.1%}, "
-          f"unparsed {result['unparsed_rate']:.1%}) on {result['n']} questions in {seconds:.0f} s -> {out_dir}")
+    result = metrics(predictions, task=task.name, split=split, model=model, seconds=seconds)
+    write_records(out.predictions, predictions)
+    write_document(out.metrics, result)
+    print(f"{task.name}/{split}: accuracy {result.accuracy:.1%} (strict {result.strict_accuracy:.1%}, "
+          f"unparsed {result.unparsed_rate:.1%}) on {result.n} questions in {seconds:.0f} s -> {out.dir}")
     return result
+
+
+def _evaluate_student(out: EvalLayout, model: str, gguf_file: str | None, task: TaskConfig, student: StudentConfig,
+                      prompts: PromptConfig) -> dict:
+    return evaluate_model(out, model=model, gguf_file=gguf_file, task=task, split=task.test_split,
+                          limit=task.test_limit, prompts=prompts, batch_size=student.batch_size,
+                          max_new_tokens=student.max_new_tokens).model_dump()
+
+
+def run_eval_before(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, prompts: PromptConfig) -> dict:
+    """The student before this round's training, on the test split: ``round/eval_before``."""
+    return _evaluate_student(folder.eval_before, student.model, student.gguf_file, task, student, prompts)
+
+
+def run_eval_after(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, prompts: PromptConfig) -> dict:
+    """The student this round trained (``round/model``), on the test split: ``round/eval_after``."""
+    return _evaluate_student(folder.eval_after, str(folder.model), None, task, student, prompts)

@@ -12,11 +12,13 @@ from mapd.models import resolve_model
 
 @dataclass(frozen=True)
 class Generation:
-    """One completion with its token counts."""
+    """One completion with its token counts; ``finish_reason`` is "length" when it stopped at the token
+    limit (cut off) and "stop" when the model ended it, as OpenAI-compatible endpoints report it."""
 
     text: str
     input_tokens: int
     output_tokens: int
+    finish_reason: str = "stop"
 
 
 def load_model(name: str, gguf_file: str | None = None, *, dtype: str = "auto"):
@@ -94,10 +96,12 @@ def generate(
         for row, index in enumerate(indices):
             tokens = new_tokens[row]
             count = int((tokens != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else len(tokens)
+            ended = count < max_new_tokens or int(tokens[-1]) == tokenizer.eos_token_id
             results[index] = Generation(
                 text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                 input_tokens=int(batch["attention_mask"][row].sum()),
                 output_tokens=count,
+                finish_reason="stop" if ended else "length",
             )
         if on_batch:
             on_batch(len(indices))

@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mapd.config import ReviewConfig, TaskConfig
 from mapd.errors import MapdError
-from mapd.io import read_json, write_jsonl
-from mapd.stages.rationales import rationale_record
-from mapd.stages.review import ReviewConfig, accept
-from mapd.tasks import TaskConfig, get_task
+from mapd.io import read_json
+from mapd.layout import RoundLayout
+from mapd.records import Feedback, Mistake, Rationale, Review, write_records
+from mapd.stages.review import judged
+from mapd.tasks import get_task
 from mapd.tasks.base import CHOICE_LETTERS, bool_text, format_options
 
 TASKS = ("svamp", "strategyqa", "gsm8k", "logiqa")
@@ -52,7 +54,7 @@ def _choice(value: str, options: list, where: str, key: str) -> str:
     return CHOICE_LETTERS[int(value)]
 
 
-def _mistake(task: str, record: dict, where: str) -> dict:
+def _mistake(task: str, record: dict, where: str) -> Mistake:
     """One record of a reference "false" file as a mistakes.jsonl record."""
     gold = _field(record, "gold_answer", where).strip()
     student = _field(record, "student_wrong_final_answer", where).strip()
@@ -76,9 +78,9 @@ def _mistake(task: str, record: dict, where: str) -> dict:
         answer = _choice(student, options, where, "student_wrong_final_answer")
     else:
         answer = student
-    return {"id": str(_field(record, "id", where, (str, int))), "question": question, "gold": gold,
-            "output": _field(record, "student_wrong_pred", where), "answer": answer,
-            "status": "unparsed" if answer is None else "wrong"}
+    return Mistake(id=str(_field(record, "id", where, (str, int))), question=question, gold=gold,
+                   output=_field(record, "student_wrong_pred", where), answer=answer,
+                   status="unparsed" if answer is None else "wrong")
 
 
 def _id(record: dict, where: str, known: set[str]) -> str:
@@ -88,7 +90,7 @@ def _id(record: dict, where: str, known: set[str]) -> str:
     return id_
 
 
-def _feedback(path: Path, known: set[str]) -> list[dict]:
+def _feedback(path: Path, known: set[str]) -> list[Feedback]:
     records = []
     for index, record in enumerate(_load(path)):
         where = f"{path}: record {index}"
@@ -96,7 +98,7 @@ def _feedback(path: Path, known: set[str]) -> list[dict]:
         for teacher in TEACHERS:
             text = _field(record, f"{teacher}_feedback", where)
             error = None if text.strip() else "empty in the reference file"
-            records.append({"id": id_, "teacher": teacher, "text": text if error is None else None, "error": error})
+            records.append(Feedback(id=id_, teacher=teacher, text=text if error is None else None, error=error))
     return records
 
 
@@ -107,31 +109,29 @@ def _score(value: Any, where: str, key: str) -> int | None:
     return int(value) if float(value).is_integer() and 1 <= value <= 5 else None
 
 
-def _rationales(path: Path, known: set[str], answer_kind: str) -> list[dict]:
+def _rationales(path: Path, golds: dict[str, str], answer_kind: str) -> list[Rationale]:
     records, config = [], ReviewConfig()
     for index, record in enumerate(_load(path)):
         where = f"{path}: record {index}"
-        id_ = _id(record, where, known)
+        id_ = _id(record, where, set(golds))
         for teacher, reviewers in REVIEWERS.items():
             key = f"{teacher}_rationale"
             entry = _field(record, key, where, (list,))
             if len(entry) != 1 + len(reviewers) or not isinstance(entry[0], str):
                 raise MapdError(f"{where}: field '{key}' must be [rationale text, score, score]")
             scores = [_score(value, where, key) for value in entry[1:]]
-            if not entry[0].strip():  # no rationale: nothing was reviewed
-                drafted = rationale_record(id_, teacher, None, "empty in the reference file", answer_kind)
-                records.append({**drafted, "reviews": [], "mean_score": None, "accepted": False})
-                continue
-            reviews = [{"reviewer": reviewer, "score": score, "raw": str(value), "error": None}
-                       for reviewer, score, value in zip(reviewers, scores, entry[1:])]
-            mean_score, accepted = accept(scores, config)
-            records.append({**rationale_record(id_, teacher, entry[0], None, answer_kind), "reviews": reviews,
-                            "mean_score": mean_score, "accepted": accepted})
+            written = bool(entry[0].strip())  # an empty rationale was not reviewed
+            reviews = [Review(reviewer=reviewer, score=score, raw=str(value))
+                       for reviewer, score, value in zip(reviewers, scores, entry[1:])] if written else []
+            records.append(judged(id_, teacher, entry[0] if written else None,
+                                  None if written else "empty in the reference file", reviews,
+                                  gold=golds[id_], answer_kind=answer_kind, config=config))
     return records
 
 
-def import_reference(task: str, mistakes: Path, feedback: Path | None, rationale: Path | None, out_dir: Path) -> dict:
-    """Write ``mistakes.jsonl`` (and ``feedback.jsonl``, ``rationales.jsonl`` when given) to ``out_dir``;
+def import_reference(task: str, mistakes: Path, feedback: Path | None, rationale: Path | None,
+                     out: RoundLayout) -> dict:
+    """Write the round's ``mistakes.jsonl`` (and ``feedback.jsonl``, ``rationales.jsonl`` when given);
     return the record counts."""
     if task not in TASKS:
         raise MapdError(f"--task: the reference data covers {', '.join(TASKS)}, not '{task}'")
@@ -139,18 +139,20 @@ def import_reference(task: str, mistakes: Path, feedback: Path | None, rationale
     mistake_records, known = [], set()
     for index, record in enumerate(_load(mistakes)):
         mistake_records.append(_mistake(task, record, f"{mistakes}: record {index}"))
-        if mistake_records[-1]["id"] in known:
-            raise MapdError(f"{mistakes}: record {index}: field 'id' repeats {mistake_records[-1]['id']!r}")
-        known.add(mistake_records[-1]["id"])
-    artifacts = {"mistakes": mistake_records}  # everything is converted (and checked) before anything is written
+        if mistake_records[-1].id in known:
+            raise MapdError(f"{mistakes}: record {index}: field 'id' repeats {mistake_records[-1].id!r}")
+        known.add(mistake_records[-1].id)
+    # everything is converted (and checked) before anything is written
+    artifacts: dict[str, tuple[Path, list]] = {"mistakes": (out.mistakes, mistake_records)}
     if feedback is not None:
-        artifacts["feedback"] = _feedback(feedback, known)
+        artifacts["feedback"] = (out.feedback, _feedback(feedback, known))
     if rationale is not None:
-        artifacts["rationales"] = _rationales(rationale, known, answer_kind)
-    for name, records in artifacts.items():
-        write_jsonl(Path(out_dir) / f"{name}.jsonl", records)
-    counts = {name: len(records) for name, records in artifacts.items()}
+        golds = {mistake.id: mistake.gold for mistake in mistake_records}
+        artifacts["rationales"] = (out.rationales, _rationales(rationale, golds, answer_kind))
+    for path, records in artifacts.values():
+        write_records(path, records)
+    counts = {name: len(records) for name, (_, records) in artifacts.items()}
     if rationale is not None:
-        counts["accepted"] = sum(record["accepted"] for record in artifacts["rationales"])
-    print(f"imported into {out_dir}: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+        counts["accepted"] = sum(record.accepted for record in artifacts["rationales"][1])
+    print(f"imported into {out.dir}: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
     return counts

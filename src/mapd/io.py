@@ -21,8 +21,9 @@ from filelock import FileLock, Timeout
 from mapd.errors import MapdError
 
 
-def read_jsonl(path: str | Path, *, partial_tail_ok: bool = False) -> list[dict[str, Any]]:
-    """Read a JSONL file; a bad line raises MapdError naming the file and line."""
+def read_jsonl_lines(path: str | Path, *, partial_tail_ok: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; a bad line raises MapdError
+    naming the file and line. ``partial_tail_ok`` drops a last line without its newline (a killed write)."""
     path = Path(path)
     if not path.is_file():
         raise MapdError(f"{path}: file not found")
@@ -44,8 +45,13 @@ def read_jsonl(path: str | Path, *, partial_tail_ok: bool = False) -> list[dict[
             raise MapdError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict):
             raise MapdError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
+        records.append((number, record))
     return records
+
+
+def read_jsonl(path: str | Path, *, partial_tail_ok: bool = False) -> list[dict[str, Any]]:
+    """The objects of a JSONL file (see :func:`read_jsonl_lines`)."""
+    return [record for _, record in read_jsonl_lines(path, partial_tail_ok=partial_tail_ok)]
 
 
 def read_json(path: str | Path, expected: type = dict) -> Any:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mapd.config import TeacherConfig
 from mapd.errors import MapdError
 
 EMBEDDED_PREFIX = "embedded:"
@@ -110,3 +111,10 @@ def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | N
             raise MapdError(f"model {name}: no such folder")
         return str(path), gguf_file
     return name, gguf_file  # a hub id
+
+
+def check_local_teachers(teachers: list[TeacherConfig]) -> None:
+    """Resolve every local teacher's model now, so that a mistyped path fails before any stage or call."""
+    for teacher in teachers:
+        if teacher.provider == "local":
+            resolve_model(teacher.model, teacher.gguf_file)

@@ -1,54 +1,40 @@
-"""Every prompt the pipeline sends, in one place: defaults here, overridable from the config.
+"""Every prompt the pipeline sends, filled in from the config's templates (config.PromptConfig).
 
-Templates are ``str.format`` strings. Fields available:
-``{question}`` (with lettered options for choice tasks), ``{answer_format}`` (how to end the
-answer, per answer kind), ``{student_answer}``, ``{gold}`` (the correct final answer) and
-``{rationale}`` (a teacher's rationale under review).
+Each prompt's reply contract sits beside the parser that reads the reply: the answer line
+(``answers.ANSWER_FORMATS``, read by ``answers.extract``) and the review score
+(``stages.review.SCORE_FORMAT``, read by ``stages.review.parse_score``). A training pair's prompt is
+built by :func:`answer_messages` / :func:`feedback_messages`, exactly as evaluation and the teachers
+see it, system message included.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from mapd.answers import ANSWER_FORMATS
+from mapd.config import PromptConfig
+from mapd.stages.review import SCORE_FORMAT
 
-ANSWER_FORMATS = {
-    "number": 'End with the line "The answer is N." where N is the final number.',
-    "bool": 'End with the line "The answer is true." or "The answer is false."',
-    "choice": 'End with the line "The answer is X." where X is the letter of the correct option.',
-}
+Messages = list[dict[str, str]]
 
 
-class PromptConfig(BaseModel):
-    """Prompt templates. Override any of them in the config's ``prompts:`` section."""
+def _messages(prompts: PromptConfig, template: str, **fields: str) -> Messages:
+    """The system message (if any) and one user message: ``template`` filled in."""
+    head = [{"role": "system", "content": prompts.system}] if prompts.system else []
+    return head + [{"role": "user", "content": template.format(**fields)}]
 
-    system: str | None = Field(None, description="Optional system message sent before every prompt.")
-    answer: str = Field(
-        "Question: {question}\n\nLet's think step by step. {answer_format}",
-        description="The student's (and each teacher's rationale) prompt: answer step by step.",
-    )
-    feedback: str = Field(
-        "You are a teacher. A student answered the question below and made mistakes.\n\n"
-        "Question: {question}\n\nStudent's answer:\n{student_answer}\n\n"
-        "Hint: the correct final answer is {gold}.\n\n"
-        "Point out each mistake in the student's answer and explain why it is wrong and how to fix it. "
-        "Do not just restate the correct answer.",
-        description="Mistake-aware feedback prompt: question, the student's wrong answer and a correct-answer hint.",
-    )
-    review: str = Field(
-        "You are reviewing another teacher's solution.\n\nQuestion: {question}\n\n"
-        "Solution under review:\n{rationale}\n\nHint: the correct final answer is {gold}.\n\n"
-        "Judge whether the reasoning is correct and sound, step by step. You may explain briefly, "
-        "then finish with a single integer score from 1 (wrong) to 5 (fully correct and sound) "
-        "in square brackets, for example [4].",
-        description="Peer-review prompt. The reply must end with an integer score 1-5 in brackets, e.g. [4].",
-    )
 
-    model_config = {"extra": "forbid"}
+def answer_messages(prompts: PromptConfig, question: str, answer_kind: str) -> Messages:
+    """Ask for a step-by-step answer ending in the task's answer line (the student, and each teacher's rationale)."""
+    return _messages(prompts, prompts.answer, question=question, answer_format=ANSWER_FORMATS[answer_kind])
 
-    def messages(self, template: str, **fields: str) -> list[dict[str, str]]:
-        """Chat messages for one filled-in template (with the system message, if any)."""
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        return messages + [{"role": "user", "content": template.format(**fields)}]
 
-    def answer_messages(self, question: str, answer_kind: str) -> list[dict[str, str]]:
-        """Messages asking for a step-by-step answer in the task's answer format."""
-        return self.messages(self.answer, question=question, answer_format=ANSWER_FORMATS[answer_kind])
+def feedback_messages(prompts: PromptConfig, question: str, student_answer: str, gold: str,
+                      answer_kind: str) -> Messages:
+    """Ask a teacher to point out and explain the mistakes in the student's answer, given the gold hint."""
+    return _messages(prompts, prompts.feedback, question=question, student_answer=student_answer, gold=gold,
+                     answer_format=ANSWER_FORMATS[answer_kind])
+
+
+def review_messages(prompts: PromptConfig, question: str, rationale: str, gold: str, answer_kind: str) -> Messages:
+    """Ask a reviewer to judge a rationale, given the gold hint, and end with its bracketed 1-5 score."""
+    return _messages(prompts, prompts.review, question=question, rationale=rationale, gold=gold,
+                     answer_format=ANSWER_FORMATS[answer_kind], score_format=SCORE_FORMAT)

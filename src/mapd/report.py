@@ -2,7 +2,9 @@
 
 The input is a full ``mapd run`` folder (manifest.json + round-N/) or one round folder made by
 ``mapd teach`` / ``mapd import-reference``. The report shows what is there and says plainly what
-is absent; artifacts may be mid-write, so a partial last JSONL line is dropped.
+is absent; artifacts may be mid-write, so a partial last JSONL line is dropped. Every artifact is
+read as its typed record (mapd.records), so a malformed line is one error naming ``file:line: field``;
+every file name comes from mapd.layout.
 
 Gold checks of rationales need the task's answer kind: it comes from manifest.json's task when
 present, else it is inferred from the golds (all true/false: bool; all single letters: choice;
@@ -15,28 +17,39 @@ import base64
 import html
 import io
 import math
-import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from matplotlib.figure import Figure
+from pydantic import BaseModel
 
 from mapd.errors import MapdError
-from mapd.io import read_json, read_jsonl, write_text_atomic
+from mapd.io import read_json, write_text_atomic
+from mapd.layout import EvalLayout, RoundLayout, RunLayout
+from mapd.records import (
+    Feedback,
+    Metrics,
+    Mistake,
+    Prediction,
+    Rationale,
+    Review,
+    TeacherStats,
+    TeachStats,
+    TrainingPair,
+    TrainLogLine,
+    read_document,
+    read_records,
+)
 
-ROUND_FILES = [
-    "mistakes.jsonl", "feedback.jsonl", "rationales.jsonl", "teach_stats.json", "train.jsonl",
-    "model/train_log.jsonl", "eval_before/metrics.json", "eval_before/predictions.jsonl",
-    "eval_after/metrics.json", "eval_after/predictions.jsonl",
-]
-EVALS = {"eval_before": "before training", "eval_after": "after training"}
 SCORES = [1, 2, 3, 4, 5]
 N_WRONG_SHOWN = 3
 COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+# file names in texts that are not about one round's folder (a round's own files are named by its layout)
+_NAMES = RoundLayout(Path())
 
 
 # ---------------------------------------------------------------- document blocks
@@ -84,35 +97,81 @@ class Section:
 
 # ---------------------------------------------------------------- reading
 
+R = TypeVar("R", bound=BaseModel)
 
-def _load(path: Path) -> Any:
-    """Records of a JSONL file, the content of a JSON file, or None when the file is absent."""
-    if not path.is_file():
-        return None
-    return read_jsonl(path, partial_tail_ok=True) if path.suffix == ".jsonl" else read_json(path, dict)
+
+def _records(path: Path, model: type[R]) -> list[R] | None:
+    """The typed records of a JSONL artifact (a partial last line dropped), or None when it is absent."""
+    return read_records(path, model, partial_tail_ok=True) if path.is_file() else None
+
+
+def _document(path: Path, model: type[R]) -> R | None:
+    """A typed JSON artifact, or None when it is absent."""
+    return read_document(path, model) if path.is_file() else None
+
+
+@dataclass
+class Evaluation:
+    """One evaluation folder of a round; absent files are None."""
+
+    label: str  # "before training" / "after training"
+    layout: EvalLayout
+    metrics: Metrics | None
+    predictions: list[Prediction] | None
+
+    @staticmethod
+    def load(layout: EvalLayout, label: str) -> Evaluation:
+        return Evaluation(label, layout, _document(layout.metrics, Metrics), _records(layout.predictions, Prediction))
 
 
 @dataclass
 class Round:
-    name: str
-    path: Path
-    files: dict[str, Any]  # relative file name -> content; absent files are missing
+    """One round folder's artifacts as typed records; an absent file is None."""
 
-    def get(self, name: str) -> Any:
-        return self.files.get(name)
+    layout: RoundLayout
+    mistakes: list[Mistake] | None
+    feedback: list[Feedback] | None
+    rationales: list[Rationale] | None
+    teach_stats: dict[str, TeacherStats] | None
+    train: list[TrainingPair] | None
+    train_log: list[TrainLogLine] | None
+    before: Evaluation
+    after: Evaluation
+
+    @property
+    def name(self) -> str:
+        return self.layout.dir.name
+
+    @property
+    def evals(self) -> list[Evaluation]:
+        return [self.before, self.after]
+
+    def rel(self, path: Path) -> str:
+        """``path`` relative to the round folder, as the report names it."""
+        return path.relative_to(self.layout.dir).as_posix()
+
+    def files(self) -> list[tuple[Path, Any]]:
+        """Every artifact the report reads, in inventory order, with its content (None when absent)."""
+        return [(self.layout.mistakes, self.mistakes), (self.layout.feedback, self.feedback),
+                (self.layout.rationales, self.rationales), (self.layout.teach_stats, self.teach_stats),
+                (self.layout.train, self.train), (self.layout.train_log, self.train_log),
+                *((path, content) for e in self.evals
+                  for path, content in ((e.layout.metrics, e.metrics), (e.layout.predictions, e.predictions)))]
 
 
-def _round_dirs(run_dir: Path) -> list[Path]:
-    numbered = [(int(m.group(1)), p) for p in run_dir.iterdir()
-                if p.is_dir() and (m := re.fullmatch(r"round-(\d+)", p.name))]
-    if numbered:
-        return [p for _, p in sorted(numbered)]
-    return [run_dir] if any((run_dir / name).exists() for name in ROUND_FILES) else []
-
-
-def _load_round(path: Path) -> Round:
-    files = {rel: content for rel in ROUND_FILES if (content := _load(path / rel)) is not None}
-    return Round(path.name, path, files)
+def _load_round(layout: RoundLayout) -> Round:
+    stats = _document(layout.teach_stats, TeachStats)
+    return Round(
+        layout=layout,
+        mistakes=_records(layout.mistakes, Mistake),
+        feedback=_records(layout.feedback, Feedback),
+        rationales=_records(layout.rationales, Rationale),
+        teach_stats=None if stats is None else stats.root,
+        train=_records(layout.train, TrainingPair),
+        train_log=_records(layout.train_log, TrainLogLine),
+        before=Evaluation.load(layout.eval_before, "before training"),
+        after=Evaluation.load(layout.eval_after, "after training"),
+    )
 
 
 # ---------------------------------------------------------------- small helpers
@@ -138,8 +197,8 @@ def _short(text: str | None, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _valid_scores(reviews: list[dict]) -> list[tuple[str, int]]:
-    return [(r.get("reviewer"), r["score"]) for r in reviews if isinstance(r.get("score"), int)]
+def _valid_scores(reviews: list[Review]) -> list[tuple[str, int]]:
+    return [(v.reviewer, v.score) for v in reviews if v.score is not None]
 
 
 def _png(fig: Figure) -> bytes:
@@ -159,10 +218,11 @@ def _teachers(rounds: list[Round], manifest: dict | None) -> list[str]:
     """Teacher names: the manifest's committee order first, then any other name met in the artifacts."""
     names = [t.get("name") for t in ((manifest or {}).get("config") or {}).get("teachers") or []]
     for r in rounds:
-        for record in (r.get("feedback.jsonl") or []) + (r.get("rationales.jsonl") or []):
-            names.append(record.get("teacher"))
-            names.extend(review.get("reviewer") for review in record.get("reviews") or [])
-        names.extend(r.get("teach_stats.json") or {})
+        names.extend(x.teacher for x in r.feedback or [])
+        for x in r.rationales or []:
+            names.append(x.teacher)
+            names.extend(v.reviewer for v in x.reviews)
+        names.extend(r.teach_stats or {})
     return [n for n in dict.fromkeys(names) if n]
 
 
@@ -186,11 +246,12 @@ def answer_kind(manifest: dict | None, golds: list[str]) -> str:
     return "number"
 
 
-def _rationale_right(record: dict, gold: str, kind: str) -> bool:
+def _rationale_right(record: Rationale, gold: str, kind: str) -> bool:
     """Whether a rationale's own final answer equals the gold (extracted from its text if not recorded)."""
     from mapd.answers import extract, is_correct
 
-    answer = record["answer"] if "answer" in record else extract(record["text"], kind).answer
+    recorded = "answer" in record.model_fields_set  # an explicit null is recorded: no answer
+    answer = record.answer if recorded else extract(record.text, kind).answer
     return answer is not None and bool(is_correct(answer, gold, kind))
 
 
@@ -198,34 +259,32 @@ def _rationale_right(record: dict, gold: str, kind: str) -> bool:
 
 def _inventory(r: Round, run_dir: Path) -> Section:
     rows = []
-    for rel in ROUND_FILES:
-        content = r.get(rel)
+    for path, content in r.files():
         if content is None:
-            rows.append([rel, "absent"])
+            rows.append([r.rel(path), "absent"])
         else:
-            href = (r.path / rel).relative_to(run_dir).as_posix()
             size = f"{len(content):,} records" if isinstance(content, list) else "present"
-            rows.append([Link(rel, href), size])
+            rows.append([Link(r.rel(path), path.relative_to(run_dir).as_posix()), size])
     return Section(3, "Files", [Table(["file", "status"], rows, md=False)])
 
 
 def _funnel(r: Round, questions: int | None) -> Section:
-    mistakes, feedback = r.get("mistakes.jsonl"), r.get("feedback.jsonl")
-    rationales, train = r.get("rationales.jsonl"), r.get("train.jsonl")
-    fed = None if feedback is None else [x for x in feedback if x.get("text") is not None]
-    written = None if rationales is None else [x for x in rationales if x.get("text") is not None]
-    accepted = None if written is None else [x for x in written if x.get("accepted")]
-    status, kinds = Counter(m.get("status") for m in mistakes or []), Counter(x.get("kind") for x in train or [])
+    mistakes, feedback, rationales, train = r.mistakes, r.feedback, r.rationales, r.train
+    fed = None if feedback is None else [x for x in feedback if x.text is not None]
+    written = None if rationales is None else [x for x in rationales if x.text is not None]
+    accepted = None if written is None else [x for x in written if x.accepted]
+    status, kinds = Counter(m.status for m in mistakes or []), Counter(x.kind for x in train or [])
+    layout = r.layout
     stages = [  # (stage, records or None when the file is absent, file, note)
-        ("mistakes", mistakes, "mistakes.jsonl", f"{status['wrong']:,} wrong, {status['unparsed']:,} unparsed"),
-        ("feedback", fed, "feedback.jsonl", f"{len(feedback or []) - len(fed or []):,} failed"),
-        ("rationales", written, "rationales.jsonl", f"{len(rationales or []) - len(written or []):,} failed"),
-        ("accepted", accepted, "rationales.jsonl", f"{_pct(len(accepted or []), len(written or []))} of rationales"),
-        ("training pairs", train, "train.jsonl", f"{kinds['feedback']:,} feedback, {kinds['rationale']:,} rationale"),
+        ("mistakes", mistakes, layout.mistakes, f"{status['wrong']:,} wrong, {status['unparsed']:,} unparsed"),
+        ("feedback", fed, layout.feedback, f"{len(feedback or []) - len(fed or []):,} failed"),
+        ("rationales", written, layout.rationales, f"{len(rationales or []) - len(written or []):,} failed"),
+        ("accepted", accepted, layout.rationales, f"{_pct(len(accepted or []), len(written or []))} of rationales"),
+        ("training pairs", train, layout.train, f"{kinds['feedback']:,} feedback, {kinds['rationale']:,} rationale"),
     ]
     rows = [["questions", "not recorded" if questions is None else _num(questions), "—", ""]]
-    rows += [[name, "absent", "—", f"{file} absent"] if records is None
-             else [name, _num(len(records)), _num(len({x.get("id") for x in records})), note]
+    rows += [[name, "absent", "—", f"{r.rel(file)} absent"] if records is None
+             else [name, _num(len(records)), _num(len({x.id for x in records})), note]
              for name, records, file, note in stages]
     shown = [("questions", questions)] if questions is not None else []
     shown += [(name, len(records)) for name, records, _, _ in stages if records is not None]
@@ -241,36 +300,39 @@ def _funnel(r: Round, questions: int | None) -> Section:
     return Section(3, "Funnel", blocks)
 
 
+def _stats_cells(s: TeacherStats | None) -> list[str]:
+    """calls, cache hits, tokens in / out, cost, latency p50 / p95 of one teacher (dashes when not recorded)."""
+    if s is None:
+        return ["—", "—", "— / —", "—", "— / —"]
+    return [_num(s.calls), _num(s.cache_hits), f"{_num(s.input_tokens)} / {_num(s.output_tokens)}",
+            f"${s.cost_usd:,.4f}", f"{_num(s.latency_p50_s)} / {_num(s.latency_p95_s)}"]
+
+
 def _teacher_table(r: Round, teachers: list[str]) -> Section:
-    feedback, rationales, stats = r.get("feedback.jsonl"), r.get("rationales.jsonl"), r.get("teach_stats.json")
+    feedback, rationales, stats = r.feedback, r.rationales, r.teach_stats
+    files = [(r.layout.feedback, feedback), (r.layout.rationales, rationales), (r.layout.teach_stats, stats)]
     if feedback is None and rationales is None and stats is None:
-        absent = "No teacher outputs: feedback.jsonl, rationales.jsonl and teach_stats.json are absent."
-        return Section(3, "Teachers", [Text(absent)])
+        names = [r.rel(path) for path, _ in files]
+        return Section(3, "Teachers", [Text(f"No teacher outputs: {names[0]}, {names[1]} and {names[2]} are absent.")])
     rows = []
     for t in teachers:
-        own = [x for x in rationales or [] if x.get("teacher") == t and x.get("text") is not None]
-        accepted = sum(bool(x.get("accepted")) for x in own)
-        received = [s for x in own for _, s in _valid_scores(x.get("reviews") or [])]
-        given = [s for x in rationales or [] for who, s in _valid_scores(x.get("reviews") or []) if who == t]
-        failures = (sum(x.get("teacher") == t and x.get("error") is not None for x in feedback or [])
-                    + sum(x.get("teacher") == t and x.get("error") is not None for x in rationales or [])
-                    + sum(v.get("reviewer") == t and v.get("error") is not None
-                          for x in rationales or [] for v in x.get("reviews") or []))
+        own = [x for x in rationales or [] if x.teacher == t and x.text is not None]
+        accepted = sum(x.accepted for x in own)
+        received = [s for x in own for _, s in _valid_scores(x.reviews)]
+        given = [s for x in rationales or [] for who, s in _valid_scores(x.reviews) if who == t]
+        failures = (sum(x.teacher == t and x.error is not None for x in feedback or [])
+                    + sum(x.teacher == t and x.error is not None for x in rationales or [])
+                    + sum(v.reviewer == t and v.error is not None for x in rationales or [] for v in x.reviews))
         row = [t, _num(len(own)), _num(accepted), _pct(accepted, len(own)), _num(_mean(received)),
                _num(_mean(given)), _num(failures)]
         if stats is not None:
-            s = stats.get(t) or {}
-            row += [_num(s.get("calls")), _num(s.get("cache_hits")),
-                    f"{_num(s.get('input_tokens'))} / {_num(s.get('output_tokens'))}",
-                    "—" if s.get("cost_usd") is None else f"${s['cost_usd']:,.4f}",
-                    f"{_num(s.get('latency_p50_s'))} / {_num(s.get('latency_p95_s'))}"]
+            row += _stats_cells(stats.get(t))
         rows.append(row)
     headers = ["teacher", "rationales", "accepted", "acceptance", "mean score received", "mean score given", "failures"]
     if stats is not None:
         headers += ["calls", "cache hits", "tokens in / out", "cost", "latency p50 / p95 s"]
     blocks = [Table(headers, rows)]
-    notes = [name for name, x in
-             [("feedback.jsonl", feedback), ("rationales.jsonl", rationales), ("teach_stats.json", stats)] if x is None]
+    notes = [r.rel(path) for path, content in files if content is None]
     blocks.append(Text(" ".join(["Failures count feedback, rationale and review calls whose error is set.",
                                  *([f"Absent: {', '.join(notes)}."] if notes else [])])))
     return Section(3, "Teachers", blocks)
@@ -289,14 +351,13 @@ def _alpha(matrix: np.ndarray) -> float | None:
 
 
 def _peer_review(r: Round, teachers: list[str]) -> Section:
-    rationales = [x for x in r.get("rationales.jsonl") or [] if x.get("text") is not None]
-    reviews = [v for x in rationales for v in x.get("reviews") or []]
+    rationales = [x for x in r.rationales or [] if x.text is not None]
+    reviews = [v for x in rationales for v in x.reviews]
     if not reviews:
-        what = "rationales.jsonl is absent" if r.get("rationales.jsonl") is None else "no rationale has a review"
+        what = f"{r.rel(r.layout.rationales)} is absent" if r.rationales is None else "no rationale has a review"
         return Section(3, "Peer review", [Text(f"No peer reviews: {what}.")])
-    reviewers = [t for t in teachers if any(v.get("reviewer") == t for v in reviews)]
-    counts = {who: Counter(v.get("score") if isinstance(v.get("score"), int) else None
-                           for v in reviews if v.get("reviewer") == who) for who in reviewers}
+    reviewers = [t for t in teachers if any(v.reviewer == t for v in reviews)]
+    counts = {who: Counter(v.score for v in reviews if v.reviewer == who) for who in reviewers}  # None: invalid
 
     fig, ax = _figure(5.5, 2.8)
     width = 0.8 / len(reviewers)
@@ -315,7 +376,7 @@ def _peer_review(r: Round, teachers: list[str]) -> Section:
 
     matrix = np.full((len(reviewers), len(rationales)), np.nan)
     for j, x in enumerate(rationales):
-        for who, score in _valid_scores(x.get("reviews") or []):
+        for who, score in _valid_scores(x.reviews):
             if who in reviewers:
                 matrix[reviewers.index(who), j] = score
     overall = _alpha(matrix)
@@ -331,21 +392,21 @@ def _peer_review(r: Round, teachers: list[str]) -> Section:
     return Section(3, "Peer review", blocks)
 
 
-def _confusion(checked: list[tuple[dict, bool]]) -> tuple[int, int, int, int]:
+def _confusion(checked: list[tuple[Rationale, bool]]) -> tuple[int, int, int, int]:
     """(accepted and right, accepted and wrong, rejected and right, rejected and wrong)."""
-    cells = Counter((bool(x.get("accepted")), right) for x, right in checked)
+    cells = Counter((x.accepted, right) for x, right in checked)
     return cells[True, True], cells[True, False], cells[False, True], cells[False, False]
 
 
 def _gold_check(r: Round, kind: str) -> Section:
-    mistakes, rationales = r.get("mistakes.jsonl"), r.get("rationales.jsonl")
+    mistakes, rationales = r.mistakes, r.rationales
     if mistakes is None or rationales is None:
-        absent = " and ".join(name for name in ("mistakes.jsonl", "rationales.jsonl") if r.get(name) is None)
-        return Section(3, "Peer review against the gold answer",
-                       [Text(f"Needs mistakes.jsonl (gold answers) and rationales.jsonl; {absent} absent.")])
-    golds = {m.get("id"): str(m["gold"]) for m in mistakes if m.get("gold") is not None}
-    checked = [(x, _rationale_right(x, golds[x.get("id")], kind)) for x in rationales
-               if x.get("text") is not None and x.get("id") in golds]
+        files = [(r.layout.mistakes, mistakes), (r.layout.rationales, rationales)]
+        absent = " and ".join(r.rel(path) for path, content in files if content is None)
+        return Section(3, "Peer review against the gold answer", [Text(
+            f"Needs {r.rel(r.layout.mistakes)} (gold answers) and {r.rel(r.layout.rationales)}; {absent} absent.")])
+    golds = {m.id: m.gold for m in mistakes}
+    checked = [(x, _rationale_right(x, golds[x.id], kind)) for x in rationales if x.text is not None and x.id in golds]
     if not checked:
         return Section(3, "Peer review against the gold answer", [Text("No rationale with a known gold answer.")])
     counts = _confusion(checked)
@@ -355,8 +416,8 @@ def _gold_check(r: Round, kind: str) -> Section:
         ["rejected by review", _num(rej_right), _num(rej_wrong), _num(rej_right + rej_wrong)],
     ])
     per = []
-    for t in dict.fromkeys(x.get("teacher") for x, _ in checked):
-        a_right, a_wrong, r_right, r_wrong = _confusion([(x, right) for x, right in checked if x.get("teacher") == t])
+    for t in dict.fromkeys(x.teacher for x, _ in checked):
+        a_right, a_wrong, r_right, r_wrong = _confusion([(x, right) for x, right in checked if x.teacher == t])
         per.append([t, *map(_num, (a_right + a_wrong, a_wrong, r_right + r_wrong, r_right, a_right + r_right))])
     text = (f"Each rationale's own final answer is compared with the mistake's gold answer (answer kind: {kind}). "
             f"Accepted but wrong: {acc_wrong:,} ({_pct(acc_wrong, acc_right + acc_wrong)} of accepted); "
@@ -368,23 +429,22 @@ def _gold_check(r: Round, kind: str) -> Section:
 
 
 def _training(r: Round) -> Section:
-    log = r.get("model/train_log.jsonl")
+    log, name = r.train_log, r.rel(r.layout.train_log)
     if log is None:
-        return Section(3, "Training", [Text("model/train_log.jsonl is absent: this round has not been trained (yet).")])
-    log = [x for x in log if x.get("step") is not None]
-    keys = [k for k in ("loss", "loss_feedback", "loss_rationale") if any(x.get(k) is not None for x in log)]
+        return Section(3, "Training", [Text(f"{name} is absent: this round has not been trained (yet).")])
+    keys = [k for k in ("loss", "loss_feedback", "loss_rationale") if any(getattr(x, k) is not None for x in log)]
     if not keys:
-        return Section(3, "Training", [Text("model/train_log.jsonl holds no logged loss yet.")])
+        return Section(3, "Training", [Text(f"{name} holds no logged loss yet.")])
     fig, ax = _figure(5.5, 2.8)
     for i, key in enumerate(keys):
-        points = [(x["step"], x[key]) for x in log if x.get(key) is not None]
+        points = [(x.step, getattr(x, key)) for x in log if getattr(x, key) is not None]
         ax.plot(*zip(*points), label=key, color=COLORS[i], marker="." if len(points) < 30 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(frameon=False)
-    rows = [[k, _num(next(x[k] for x in log if x.get(k) is not None), 4),
-             _num(next(x[k] for x in reversed(log) if x.get(k) is not None), 4)] for k in keys]
-    return Section(3, "Training", [Text(f"{len(log):,} logged steps, last step {log[-1].get('step')}."),
+    rows = [[k, _num(next(getattr(x, k) for x in log if getattr(x, k) is not None), 4),
+             _num(next(getattr(x, k) for x in reversed(log) if getattr(x, k) is not None), 4)] for k in keys]
+    return Section(3, "Training", [Text(f"{len(log):,} logged steps, last step {log[-1].step}."),
                                     Plot(_png(fig), "training loss per step"), Table(["loss", "first", "last"], rows)])
 
 
@@ -401,45 +461,44 @@ def _details(summary: str, body: str) -> str:
     return f"<details><summary>{_e(summary)}</summary>{body}</details>"
 
 
-def _wrong_predictions(predictions: list[dict]) -> Html:
-    wrong = [p for p in predictions if not p.get("correct")][:N_WRONG_SHOWN]
+def _wrong_predictions(predictions: list[Prediction]) -> Html:
+    wrong = [p for p in predictions if not p.correct][:N_WRONG_SHOWN]
     rows = "".join(
-        f"<tr><td>{_e(p.get('id'))}</td><td class='wrap'>{_e(_short(p.get('question')))}</td>"
-        f"<td>{_e(p.get('gold'))}</td><td>{_e(p.get('answer') or p.get('status'))}</td>"
-        f"<td>{_details('show', _pre(p.get('output')))}</td></tr>"
+        f"<tr><td>{_e(p.id)}</td><td class='wrap'>{_e(_short(p.question))}</td>"
+        f"<td>{_e(p.gold)}</td><td>{_e(p.answer or p.status)}</td>"
+        f"<td>{_details('show', _pre(p.output))}</td></tr>"
         for p in wrong)
     head = "".join(f"<th>{h}</th>" for h in ("id", "question", "gold", "answer", "output"))
     return Html(f"<table><tr>{head}</tr>{rows}</table>")
 
 
-def _example(title: str, record: dict, mistake: dict | None) -> str:
+def _example(title: str, record: Rationale | Feedback, mistake: Mistake | None) -> str:
     """One rationale or feedback as a card: the question, the student's answer, the text, the reviews."""
-    reviews = record.get("reviews")
-    score = f", mean score {_e(_num(record.get('mean_score')))}" if reviews is not None else ""
-    out = [f"<div class='example wide'><h4>{_e(title)} by {_e(record.get('teacher'))}{score}</h4>"]
+    rationale = isinstance(record, Rationale)
+    score = f", mean score {_e(_num(record.mean_score))}" if rationale else ""
+    out = [f"<div class='example wide'><h4>{_e(title)} by {_e(record.teacher)}{score}</h4>"]
     if mistake:
-        out.append(f"<p class='muted'>Question {_e(record.get('id'))} (gold {_e(mistake.get('gold'))}):</p>"
-                   + _pre(mistake.get("question")))
-        out.append(_details(f"student's answer ({mistake.get('answer')})", _pre(mistake.get("output"))))
-    out.append(f"<p class='muted'>{'Rationale' if reviews is not None else 'Feedback'}:</p>" + _pre(record["text"]))
-    if reviews:
+        out.append(f"<p class='muted'>Question {_e(record.id)} (gold {_e(mistake.gold)}):</p>" + _pre(mistake.question))
+        out.append(_details(f"student's answer ({mistake.answer})", _pre(mistake.output)))
+    out.append(f"<p class='muted'>{'Rationale' if rationale else 'Feedback'}:</p>" + _pre(record.text))
+    if rationale and record.reviews:
         body = "".join(
-            f"<p><b>{_e(v.get('reviewer'))}</b>: score {_e(_num(v.get('score')))}"
-            + (f" (error: {_e(v['error'])})" if v.get("error") else "") + "</p>"
-            + (_pre(v["raw"]) if v.get("raw") else "<p class='muted'>(no review text recorded)</p>")
-            for v in reviews)
-        scores = ", ".join(f"{v.get('reviewer')} {_num(v.get('score'))}" for v in reviews)
-        out.append(_details(f"{len(reviews)} reviews: {scores}", body))
+            f"<p><b>{_e(v.reviewer)}</b>: score {_e(_num(v.score))}"
+            + (f" (error: {_e(v.error)})" if v.error else "") + "</p>"
+            + (_pre(v.raw) if v.raw else "<p class='muted'>(no review text recorded)</p>")
+            for v in record.reviews)
+        scores = ", ".join(f"{v.reviewer} {_num(v.score)}" for v in record.reviews)
+        out.append(_details(f"{len(record.reviews)} reviews: {scores}", body))
     return "".join(out) + "</div>"
 
 
 def _examples(r: Round) -> Section:
-    mistakes = {m.get("id"): m for m in r.get("mistakes.jsonl") or []}
-    written = [x for x in r.get("rationales.jsonl") or [] if x.get("text") is not None]
-    picks = [("Accepted rationale", next((x for x in written if x.get("accepted")), None)),
-             ("Rejected rationale", next((x for x in written if not x.get("accepted")), None)),
-             ("Feedback", next((x for x in r.get("feedback.jsonl") or [] if x.get("text") is not None), None))]
-    cards = [_example(title, record, mistakes.get(record.get("id"))) for title, record in picks if record is not None]
+    mistakes = {m.id: m for m in r.mistakes or []}
+    written = [x for x in r.rationales or [] if x.text is not None]
+    picks = [("Accepted rationale", next((x for x in written if x.accepted), None)),
+             ("Rejected rationale", next((x for x in written if not x.accepted), None)),
+             ("Feedback", next((x for x in r.feedback or [] if x.text is not None), None))]
+    cards = [_example(title, record, mistakes.get(record.id)) for title, record in picks if record is not None]
     return Section(3, "Examples", [Html("".join(cards)) if cards else Text("No rationale or feedback yet.", md=False)])
 
 
@@ -448,30 +507,31 @@ def _examples(r: Round) -> Section:
 def _eval_rows(rounds: list[Round], run_dir: Path) -> tuple[list[list[Any]], list[tuple[str, float]], list[Html]]:
     rows, bars, samples = [], [], []
     for r in rounds:
-        for folder, label in EVALS.items():
-            metrics, predictions = r.get(f"{folder}/metrics.json"), r.get(f"{folder}/predictions.jsonl")
+        for e in r.evals:
+            metrics, predictions = e.metrics, e.predictions
             if metrics is None and predictions is None:
                 continue
-            metrics = metrics or {}
             link: Any = "absent"
             if predictions is not None:
-                wrong = sum(not p.get("correct") for p in predictions)
+                wrong = sum(not p.correct for p in predictions)
                 link = Link(f"{wrong:,} wrong of {len(predictions):,}",
-                            (r.path / folder / "predictions.jsonl").relative_to(run_dir).as_posix())
-                samples.append(Html(f"<p class='muted'>{_e(r.name)}, {label}: first wrong predictions</p>"))
+                            e.layout.predictions.relative_to(run_dir).as_posix())
+                samples.append(Html(f"<p class='muted'>{_e(r.name)}, {e.label}: first wrong predictions</p>"))
                 samples.append(_wrong_predictions(predictions))
-            accuracy = metrics.get("accuracy")
-            rows.append([r.name, label, _num(metrics.get("n")), _pct(accuracy, 1), _pct(metrics.get("strict_accuracy"), 1),
-                         _pct(metrics.get("unparsed_rate"), 1), _num(metrics.get("seconds"), 1), link])
-            if accuracy is not None:
-                bars.append((f"{r.name}\n{label.split()[0]}", accuracy))
+            if metrics is None:
+                rows.append([r.name, e.label, "—", "—", "—", "—", "—", link])
+                continue
+            rows.append([r.name, e.label, _num(metrics.n), _pct(metrics.accuracy, 1), _pct(metrics.strict_accuracy, 1),
+                         _pct(metrics.unparsed_rate, 1), _num(metrics.seconds, 1), link])
+            bars.append((f"{r.name}\n{e.label.split()[0]}", metrics.accuracy))
     return rows, bars, samples
 
 
 def _evaluation(rounds: list[Round], run_dir: Path) -> Section:
     rows, bars, samples = _eval_rows(rounds, run_dir)
     if not rows:
-        return Section(2, "Accuracy", [Text("No evaluation yet: no eval_before/ or eval_after/ folder.")])
+        folders = f"{_NAMES.eval_before.dir.name}/ or {_NAMES.eval_after.dir.name}/"
+        return Section(2, "Accuracy", [Text(f"No evaluation yet: no {folders} folder.")])
     blocks: list = []
     if bars:
         fig, ax = _figure(max(3.5, 1.3 * len(bars)), 2.8)
@@ -484,9 +544,10 @@ def _evaluation(rounds: list[Round], run_dir: Path) -> Section:
     return Section(2, "Accuracy", blocks + samples)
 
 
-def _manifest_section(manifest: dict | None) -> Section:
+def _manifest_section(manifest: dict | None, layout: RunLayout) -> Section:
     if manifest is None:
-        return Section(2, "Run", [Text("manifest.json is absent (a folder made by mapd teach or import-reference).")])
+        return Section(2, "Run", [Text(
+            f"{layout.manifest.name} is absent (a folder made by mapd teach or import-reference).")])
     config = manifest.get("config") or {}
     teachers = ", ".join(f"{t.get('name')} ({t.get('model')})" for t in config.get("teachers") or []) or "—"
     versions = manifest.get("versions") or {}
@@ -521,48 +582,48 @@ def _cards(rounds: list[Round], manifest: dict | None) -> list[tuple[str, str]]:
     if config.get("student"):
         cards.append(("student", str(config["student"].get("model")).removeprefix("embedded:")))
     cards.append(("rounds", f"{len(rounds)}" + (f" of {config['rounds']}" if config.get("rounds") else "")))
-    totals = {name: sum(len(r.get(name) or []) for r in rounds) for name in ("mistakes.jsonl", "train.jsonl")}
-    written = [x for r in rounds for x in r.get("rationales.jsonl") or [] if x.get("text") is not None]
-    accepted = sum(bool(x.get("accepted")) for x in written)
-    if any(r.get("mistakes.jsonl") is not None for r in rounds):
-        cards.append(("mistakes", f"{totals['mistakes.jsonl']:,}"))
-    if any(r.get("rationales.jsonl") is not None for r in rounds):
+    written = [x for r in rounds for x in r.rationales or [] if x.text is not None]
+    accepted = sum(x.accepted for x in written)
+    if any(r.mistakes is not None for r in rounds):
+        cards.append(("mistakes", f"{sum(len(r.mistakes or []) for r in rounds):,}"))
+    if any(r.rationales is not None for r in rounds):
         cards.append(("rationales", f"{len(written):,}"))
         cards.append(("accepted", f"{accepted:,} ({_pct(accepted, len(written))})"))
-    if any(r.get("train.jsonl") is not None for r in rounds):
-        cards.append(("training pairs", f"{totals['train.jsonl']:,}"))
-    before = next((r.get("eval_before/metrics.json") for r in rounds if r.get("eval_before/metrics.json")), None)
-    after = next((r.get("eval_after/metrics.json") for r in reversed(rounds) if r.get("eval_after/metrics.json")), None)
+    if any(r.train is not None for r in rounds):
+        cards.append(("training pairs", f"{sum(len(r.train or []) for r in rounds):,}"))
+    before = next((r.before.metrics for r in rounds if r.before.metrics is not None), None)
+    after = next((r.after.metrics for r in reversed(rounds) if r.after.metrics is not None), None)
     for label, metrics in (("accuracy before", before), ("accuracy after", after)):
-        if metrics and metrics.get("accuracy") is not None:
-            cards.append((label, _pct(metrics["accuracy"], 1)))
+        if metrics is not None:
+            cards.append((label, _pct(metrics.accuracy, 1)))
     return cards
 
 
 def _sections(run_dir: Path) -> tuple[str, list[tuple[str, str]], list[Section]]:
     """The report's title, header cards and sections for a run folder (shared by the HTML and Markdown writers)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise MapdError(f"{run_dir}: run folder not found")
-    manifest = _load(run_dir / "manifest.json")
-    dirs = _round_dirs(run_dir)
-    single = dirs == [run_dir]
-    rounds = [_load_round(p) for p in dirs]
+    layout = RunLayout(Path(run_dir))
+    if not layout.dir.is_dir():
+        raise MapdError(f"{layout.dir}: run folder not found")
+    manifest = read_json(layout.manifest, dict) if layout.manifest.is_file() else None
+    round_layouts = layout.rounds()
+    single = round_layouts == [RoundLayout(layout.dir)]
+    rounds = [_load_round(round_layout) for round_layout in round_layouts]
     if manifest is None and not rounds:
-        raise MapdError(f"{run_dir}: not a run folder (no manifest.json, round-N/ folder, mistakes.jsonl, ...)")
-    golds = [str(m["gold"]) for r in rounds for m in r.get("mistakes.jsonl") or [] if m.get("gold") is not None]
+        raise MapdError(f"{layout.dir}: not a run folder (no {layout.manifest.name}, round-N/ folder, "
+                        f"{_NAMES.mistakes.name}, ...)")
+    golds = [m.gold for r in rounds for m in r.mistakes or []]
     kind = answer_kind(manifest, golds)
     teachers = _teachers(rounds, manifest)
 
-    sections = [_manifest_section(manifest), _evaluation(rounds, run_dir)]
+    sections = [_manifest_section(manifest, layout), _evaluation(rounds, layout.dir)]
     if not rounds:
         sections.append(Section(2, "Rounds", [Text("No round has started: no round-N/ folder yet.")]))
     for index, r in enumerate(rounds):
         sections.append(Section(2, f"Round {r.name}" if single else r.name.replace("-", " ").capitalize()))
         questions = _stage_summary(manifest, index, "mine").get("n")
         sections += [_funnel(r, questions), _teacher_table(r, teachers), _peer_review(r, teachers),
-                     _gold_check(r, kind), _training(r), _examples(r), _inventory(r, run_dir)]
-    return f"mapd report — {run_dir.resolve().name}", _cards(rounds, manifest), sections
+                     _gold_check(r, kind), _training(r), _examples(r), _inventory(r, layout.dir)]
+    return f"mapd report — {layout.dir.resolve().name}", _cards(rounds, manifest), sections
 
 
 # ---------------------------------------------------------------- writers
@@ -633,9 +694,9 @@ def _render_html(title: str, cards: list[tuple[str, str]], sections: list[Sectio
     return "\n".join(out)
 
 
-def _render_markdown(title: str, cards: list[tuple[str, str]], sections: list[Section]) -> str:
-    """The report's key numbers and tables in Markdown (plots and examples are in report.html)."""
-    out = [f"# {title}", "", "Plots and examples: [report.html](report.html).", "",
+def _render_markdown(title: str, cards: list[tuple[str, str]], sections: list[Section], html_name: str) -> str:
+    """The report's key numbers and tables in Markdown (plots and examples are in ``html_name`` beside it)."""
+    out = [f"# {title}", "", f"Plots and examples: [{html_name}]({html_name}).", "",
            "| | |", "|---|---|", *(_md_row([k, v]) for k, v in cards)]
     for section in sections:
         blocks = [b for b in section.blocks if isinstance(b, (Table, Text)) and b.md]
@@ -652,7 +713,7 @@ def _render_markdown(title: str, cards: list[tuple[str, str]], sections: list[Se
 
 def write_report(run_dir: Path) -> Path:
     """Write ``report.html`` (self-contained) and ``report.md`` into ``run_dir``; return the HTML path."""
-    run_dir = Path(run_dir)
-    title, cards, sections = _sections(run_dir)
-    write_text_atomic(run_dir / "report.md", _render_markdown(title, cards, sections))
-    return write_text_atomic(run_dir / "report.html", _render_html(title, cards, sections))
+    layout = RunLayout(Path(run_dir))
+    title, cards, sections = _sections(layout.dir)
+    write_text_atomic(layout.report_md, _render_markdown(title, cards, sections, layout.report_html.name))
+    return write_text_atomic(layout.report_html, _render_html(title, cards, sections))

@@ -9,9 +9,11 @@ training from its last checkpoint. A file lock keeps a second run out of the fol
 
 from __future__ import annotations
 
+import inspect
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -19,8 +21,9 @@ from typing import Any
 
 from mapd.config import RunConfig, embedded_default_config, load_config, public_dump
 from mapd.errors import MapdError
-from mapd.io import folder_lock, write_json
-from mapd.models import resolve_model
+from mapd.io import folder_lock, read_json, write_json
+from mapd.layout import RoundLayout, RunLayout
+from mapd.models import check_local_teachers, resolve_model
 
 MANIFEST_VERSION = 1
 PACKAGES = ("mapd", "torch", "transformers", "datasets", "peft", "accelerate", "openai", "pydantic")
@@ -44,21 +47,20 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 class Manifest:
     """manifest.json of a run folder, rewritten atomically after every change."""
 
-    def __init__(self, run_dir: Path, config: RunConfig):
-        self.path = run_dir / "manifest.json"
+    def __init__(self, run_dir: RunLayout, config: RunConfig):
+        self.path = run_dir.manifest
         resolved = public_dump(config)
         if self.path.exists():
-            import json
-
             try:
-                self.data = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise MapdError(f"{self.path}: corrupted manifest ({exc.msg}); move it away to start over") from None
+                self.data = read_json(self.path, dict)
+            except MapdError as exc:  # "<path>: corrupted manifest (<why>)", as every error names its file first
+                why = str(exc).removeprefix(f"{self.path}: ")
+                raise MapdError(f"{self.path}: corrupted manifest ({why}); move it away to start over") from None
             if self.data.get("manifest_version") != MANIFEST_VERSION:
                 raise MapdError(f"{self.path}: written by another mapd version; use a new --out folder")
             if _comparable(self.data.get("config", {})) != _comparable(resolved):
                 raise MapdError(
-                    f"{run_dir}: holds a run with a different config; use a new --out folder "
+                    f"{run_dir.dir}: holds a run with a different config; use a new --out folder "
                     "(only `rounds` may change when a run is continued)"
                 )
         else:
@@ -85,17 +87,53 @@ def _seeds(config: RunConfig) -> dict[str, int]:
     return {"task": config.task.seed, "build": config.build.seed, "train": config.train.seed}
 
 
-def _run_stage(manifest: Manifest, round_index: int, name: str, outputs: list[Path], work: Callable[[], Any]) -> Any:
-    """Run ``work`` unless the stage is done and its outputs exist; record timing and summary."""
-    record = manifest.stage(round_index, name)
-    if record.get("status") == "done" and all(path.exists() for path in outputs):
-        print(f"[round {round_index}] {name}: done earlier, skipped")
+@dataclass(frozen=True)
+class Stage:
+    """One step of a round: ``run(round, **sections)`` gets the config fields its keyword-only
+    parameters name (and only those); ``done(round)`` are the files that show it finished."""
+
+    name: str
+    run: Callable[..., Any]
+    done: Callable[[RoundLayout], list[Path]]
+    first_round_only: bool = False
+
+
+
+def stage_sections(run: Callable[..., Any], config: RunConfig) -> dict[str, Any]:
+    """The config fields a stage wrapper receives: those its keyword-only parameters name."""
+    parameters = inspect.signature(run).parameters.values()
+    return {p.name: getattr(config, p.name) for p in parameters
+            if p.kind is p.KEYWORD_ONLY and p.name in RunConfig.model_fields}
+
+
+def _stages() -> list[Stage]:
+    from mapd.evaluate import run_eval_after, run_eval_before
+    from mapd.stages.build import run_build
+    from mapd.stages.mine import run_mine
+    from mapd.stages.teach import run_teach
+    from mapd.train import run_train
+
+    return [
+        Stage("eval_before", run_eval_before, lambda f: [f.eval_before.metrics], first_round_only=True),
+        Stage("mine", run_mine, lambda f: [f.mistakes]),
+        Stage("teach", run_teach, lambda f: [f.feedback, f.rationales]),
+        Stage("build", run_build, lambda f: [f.train]),
+        Stage("train", run_train, lambda f: [f.model_done]),
+        Stage("eval_after", run_eval_after, lambda f: [f.eval_after.metrics]),
+    ]
+
+
+def _run_stage(manifest: Manifest, round_index: int, stage: Stage, folder: RoundLayout, config: RunConfig) -> Any:
+    """Run ``stage`` unless it is done and its outputs exist; record timing and summary."""
+    record = manifest.stage(round_index, stage.name)
+    if record.get("status") == "done" and all(path.exists() for path in stage.done(folder)):
+        print(f"[round {round_index}] {stage.name}: done earlier, skipped")
         return record.get("summary")
-    print(f"[round {round_index}] {name} ...")
+    print(f"[round {round_index}] {stage.name} ...")
     record.update(status="running", started=_now())
     manifest.save()
     start = time.perf_counter()
-    summary = work()
+    summary = stage.run(folder, **stage_sections(stage.run, config))
     record.update(status="done", seconds=round(time.perf_counter() - start, 2), summary=summary, finished=_now())
     manifest.save()
     return summary
@@ -108,13 +146,7 @@ def default_run_dir(config_path: str | None) -> Path:
 
 def run(config_path: str | None, out: Path | None = None) -> Path:
     """Run (or continue) every stage of every round; returns the run folder."""
-    from mapd.evaluate import run_eval
     from mapd.report import write_report
-    from mapd.stages.build import run_build
-    from mapd.stages.mine import run_mine
-    from mapd.stages.teach import run_teach
-    from mapd.tasks import get_task
-    from mapd.train import run_train
 
     config = load_config(config_path) if config_path else embedded_default_config()
     if not config.teachers:
@@ -125,51 +157,31 @@ def run(config_path: str | None, out: Path | None = None) -> Path:
             "machinery and do not teach well; for real teaching, point `teachers:` at real endpoints "
             "(see configs/paper-committee.yaml)."
         )
-    run_dir = out or default_run_dir(config_path)
-    answer_kind = get_task(config.task).answer_kind
+    run_dir = RunLayout(out or default_run_dir(config_path))
     # a mistyped local model path fails now, not after the stages before the one that loads it
     resolve_model(config.student.model, config.student.gguf_file)
-    for teacher in config.teachers:
-        if teacher.provider == "local":
-            resolve_model(teacher.model, teacher.gguf_file)
-    with folder_lock(run_dir):
+    check_local_teachers(config.teachers)
+    stages = _stages()
+    with folder_lock(run_dir.dir):
         manifest = Manifest(run_dir, config)
         if config.cache_path is None:
-            config = config.model_copy(update={"cache_path": str(run_dir / "cache.sqlite")})
-        student = config.student.model
+            config = config.model_copy(update={"cache_path": str(run_dir.cache)})
         for round_index in range(config.rounds):
-            round_dir = run_dir / f"round-{round_index}"
-
-            def evaluate(model: str, folder: Path) -> dict:
-                return run_eval(
-                    model=model, task_config=config.task, split=config.task.test_split,
-                    limit=config.task.test_limit, batch_size=config.student.batch_size,
-                    max_new_tokens=config.student.max_new_tokens, out_dir=folder, prompts=config.prompts,
-                    gguf_file=config.student.gguf_file if model == config.student.model else None,
-                )
-
-            if round_index == 0:
-                _run_stage(manifest, 0, "eval_before", [round_dir / "eval_before" / "metrics.json"],
-                           lambda: evaluate(student, round_dir / "eval_before"))
-            mistakes = _run_stage(manifest, round_index, "mine", [round_dir / "mistakes.jsonl"],
-                                  lambda: run_mine(config, round_dir, model=student))
-            if mistakes and mistakes.get("wrong", 0) + mistakes.get("unparsed", 0) == 0:
-                print(f"[round {round_index}] the student made no mistakes on the train split: nothing to teach")
-                break
-            _run_stage(manifest, round_index, "teach", [round_dir / "feedback.jsonl", round_dir / "rationales.jsonl"],
-                       lambda: run_teach(config, round_dir / "mistakes.jsonl", round_dir))
-            _run_stage(manifest, round_index, "build", [round_dir / "train.jsonl"],
-                       lambda: run_build(round_dir, mode=config.build.mode, seed=config.build.seed,
-                                         prompts=config.prompts, answer_kind=answer_kind))
-            model_dir = round_dir / "model"
-            _run_stage(manifest, round_index, "train", [model_dir / "config.json"],
-                       lambda: run_train(config.train, model=student, data=round_dir / "train.jsonl", out_dir=model_dir,
-                                         gguf_file=config.student.gguf_file if student == config.student.model else None))
-            _run_stage(manifest, round_index, "eval_after", [round_dir / "eval_after" / "metrics.json"],
-                       lambda: evaluate(str(model_dir), round_dir / "eval_after"))
-            student = str(model_dir)
+            folder = run_dir.round(round_index)
+            for stage in stages:
+                if stage.first_round_only and round_index > 0:
+                    continue
+                summary = _run_stage(manifest, round_index, stage, folder, config)
+                if stage.name == "mine" and summary and summary.get("wrong", 0) + summary.get("unparsed", 0) == 0:
+                    print(f"[round {round_index}] the student made no mistakes on the train split: nothing to teach")
+                    break
+            else:  # the next round mines the mistakes of the student this round trained
+                trained = config.student.model_copy(update={"model": str(folder.model), "gguf_file": None})
+                config = config.model_copy(update={"student": trained})
+                continue
+            break
         manifest.data["finished"] = _now()
         manifest.save()
-        report = write_report(run_dir)
-        print(f"mapd: run complete: {run_dir} (report: {report})")
-        return run_dir
+        report = write_report(run_dir.dir)
+        print(f"mapd: run complete: {run_dir.dir} (report: {report})")
+        return run_dir.dir

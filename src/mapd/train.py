@@ -2,9 +2,20 @@
 
 Each term is the token-level mean cross-entropy over the completion tokens of that kind of pair
 in the micro-batch (prompt and padding tokens carry label -100). A micro-batch without a pair of
-one kind contributes 0 for that term (the other term keeps its weight; no renormalisation), so
-the expected loss over batches stays alpha-weighted. A kind whose weight is 0 is dropped from
-the data (alpha = 0: rationale pairs only; alpha = 1: feedback pairs only).
+one kind contributes 0 for that term (the other term keeps its weight; no renormalisation). A
+kind whose weight is 0 is dropped from the data (alpha = 0: rationale pairs only; alpha = 1:
+feedback pairs only).
+
+So, in expectation over micro-batches, the feedback term weighs alpha * P(a micro-batch holds
+feedback) and the rationale term (1 - alpha) * P(it holds a rationale), not alpha and 1 - alpha.
+Grouping by length (the default) often separates the kinds, feedback pairs being the longer:
+on the reference SVAMP pairs (batch 8, 10 epochs) 57 % of micro-batches hold both kinds, 21 %
+feedback only, 23 % rationales only, so the weights are 0.387 and 0.396. Their ratio stays
+alpha's (feedback share 0.494), but they sum to 0.78 instead of 1, and within a kind the weight
+per token is uneven: short pairs batched together, and a pair that is its kind's only one in a
+mixed micro-batch (it carries that kind's whole term), weigh more. Without grouping, 98 % of
+micro-batches are mixed (sum 0.99) for 1.52x the tokens. Figures, command and the reasons for
+keeping it: docs/training.md#the-joint-loss-in-practice (bench/joint_loss_weighting.py).
 
 Built on the transformers ``Trainer``, so ``accelerate launch`` with DeepSpeed or FSDP runs it
 unchanged. Pairs are tokenized with the student's chat template, padded per batch (right
@@ -17,81 +28,35 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
-
+from mapd.config import StudentConfig, TrainConfig
 from mapd.errors import MapdError
 from mapd.io import append_jsonl, read_jsonl, write_jsonl
+from mapd.layout import RoundLayout
+from mapd.records import TrainingPair, read_records
 
 KINDS = ("feedback", "rationale")
 
 
-class TrainConfig(BaseModel):
-    """Training settings; the defaults are the paper's (METHOD.md step 6)."""
-
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the feedback loss; 0 trains on rationales only.")
-    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (constant after warm-up).")
-    lr_scheduler_type: str = Field("constant_with_warmup", description="transformers scheduler name.")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    num_train_epochs: float = Field(10, gt=0, description="Epochs over the instruction data.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
-    per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per step.")
-    gradient_accumulation_steps: int = Field(2, ge=1, description="Steps accumulated per optimizer update.")
-    max_length: int = Field(512, ge=16, description="Longer prompt+completion pairs are truncated (prompt first).")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm.")
-    bf16: bool | None = Field(None, description="bf16 mixed precision; default: on where the GPU supports it.")
-    seed: int = Field(731, description="Training seed.")
-    lora: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights.")
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
-    lora_dropout: float = Field(0.05, ge=0, le=1, description="LoRA dropout.")
-    lora_target_modules: list[str] | str = Field("all-linear", description="Modules LoRA adapts.")
-    merge_lora: bool = Field(True, description="Save LoRA merged into full weights (else the adapter only).")
-    logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")
-    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (training resumes from the last).")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
-    group_by_length: bool = Field(
-        True, description="Batch pairs of similar length together, so dynamic padding adds few pad tokens."
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass: less memory, about 30 % more time."
-    )
-    model_dtype: Literal["float32", "bfloat16", "auto"] = Field(
-        "float32",
-        description="Weights while training: float32 keeps full-precision weights (bf16 then runs as "
-        "mixed precision); bfloat16 halves their memory (pure bf16, for large students); auto: the checkpoint's.",
-    )
-
-    model_config = {"extra": "forbid"}
 
 
-def load_pairs(path: Path, alpha: float) -> list[dict[str, Any]]:
-    """The train.jsonl records whose kind has a non-zero weight; bad records raise MapdError."""
-    records = read_jsonl(path)
+def load_pairs(path: Path, alpha: float) -> list[TrainingPair]:
+    """The train.jsonl pairs whose kind has a non-zero weight; a bad line raises MapdError naming it."""
+    records = read_records(path, TrainingPair)
     if not records:
         raise MapdError(f"{path}: no training pairs")
-    for number, record in enumerate(records, start=1):
-        where = f"{path} record {number}"
-        for key in ("id", "kind", "prompt", "completion"):
-            if key not in record:
-                raise MapdError(f"{where}: missing field '{key}'")
-        if record["kind"] not in KINDS:
-            raise MapdError(f"{where}: kind is {record['kind']!r}, expected feedback or rationale")
-        for key in ("prompt", "completion"):
-            if not isinstance(record[key], str) or not record[key].strip():
-                raise MapdError(f"{where}: field '{key}' must be non-empty text")
     weights = {"feedback": alpha, "rationale": 1 - alpha}
-    pairs = [record for record in records if weights[record["kind"]] > 0]
+    pairs = [record for record in records if weights[record.kind] > 0]
     if not pairs:
         kept = "rationale" if alpha == 0 else "feedback"
         raise MapdError(f"{path}: alpha={alpha} trains on {kept} pairs only, and the file has none")
     return pairs
 
 
-def tokenize_pair(tokenizer, record: dict[str, Any], max_length: int) -> dict[str, Any]:
-    """Token ids and labels of one pair: chat-templated prompt (labels -100) + completion + eos.
+def tokenize_pair(tokenizer, pair: TrainingPair, max_length: int) -> dict[str, Any]:
+    """Token ids and labels of one pair: its messages (system included) in the student's chat template,
+    exactly as evaluation renders them (labels -100), then the completion + eos.
 
     A pair longer than ``max_length`` loses the start of its prompt first (the end, which holds
     the assistant turn marker, stays); a completion that alone leaves less than half of
@@ -99,9 +64,8 @@ def tokenize_pair(tokenizer, record: dict[str, Any], max_length: int) -> dict[st
     """
     from mapd.generation import render_prompt
 
-    prompt_text = render_prompt(tokenizer, [{"role": "user", "content": record["prompt"]}])
-    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(render_prompt(tokenizer, pair.messages()), add_special_tokens=False)["input_ids"]
+    completion = tokenizer(pair.completion, add_special_tokens=False)["input_ids"]
     completion = completion + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     budget = max(max_length - len(completion), min(len(prompt), max_length // 2))
     prompt = prompt[max(0, len(prompt) - budget) :]
@@ -110,7 +74,7 @@ def tokenize_pair(tokenizer, record: dict[str, Any], max_length: int) -> dict[st
         "input_ids": prompt + completion,
         "attention_mask": [1] * (len(prompt) + len(completion)),
         "labels": [-100] * len(prompt) + completion,
-        "is_feedback": record["kind"] == "feedback",
+        "is_feedback": pair.kind == "feedback",
     }
 
 
@@ -282,7 +246,7 @@ def prepare_trainer(config: TrainConfig, model: str, data: Path, out_dir: Path, 
     return make_trainer(config, student, tokenizer, features, Path(out_dir), bool(bf16)), pairs
 
 
-def run_train(config: TrainConfig, model: str, data: Path, out_dir: Path, gguf_file: str | None = None) -> dict[str, Any]:
+def train_model(config: TrainConfig, model: str, data: Path, out_dir: Path, gguf_file: str | None = None) -> dict[str, Any]:
     """Fine-tune the student ``model`` (with ``gguf_file``, a GGUF file inside it) on ``data`` (train.jsonl)
     with the joint loss; save it in ``out_dir``.
 
@@ -302,7 +266,7 @@ def run_train(config: TrainConfig, model: str, data: Path, out_dir: Path, gguf_f
             trainer.processing_class.save_pretrained(out_dir)
     else:
         trainer.save_model(str(out_dir))  # with the tokenizer; a LoRA adapter alone when merge_lora is off
-    kinds = {kind: sum(p["kind"] == kind for p in pairs) for kind in KINDS}
+    kinds = {kind: sum(p.kind == kind for p in pairs) for kind in KINDS}
     truncated = sum(len(f["input_ids"]) >= config.max_length for f in trainer.train_dataset)
     resumed = f", resumed from {Path(checkpoint).name}" if checkpoint else ""
     print(
@@ -311,3 +275,8 @@ def run_train(config: TrainConfig, model: str, data: Path, out_dir: Path, gguf_f
         f"loss {result.training_loss:.4f}, {seconds:.0f} s -> {out_dir}"
     )
     return {"steps": trainer.state.global_step, "train_loss": result.training_loss, "seconds": seconds, "pairs": len(pairs)}
+
+
+def run_train(folder: RoundLayout, *, student: StudentConfig, train: TrainConfig) -> dict[str, Any]:
+    """Train ``student`` on the round's train.jsonl into ``round/model`` (see :func:`train_model`)."""
+    return train_model(train, student.model, folder.train, folder.model, student.gguf_file)

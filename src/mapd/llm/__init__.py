@@ -1,14 +1,14 @@
-"""Teacher calls: one cache, one dispatcher, one provider per kind of endpoint.
+"""Model calls: one keyed call path (Dispatcher.complete), one cache, one provider per kind of endpoint.
 
-The dispatcher and cache are imported on first use, so ``import mapd.config`` (which needs
-TeacherConfig) does not pay for the openai client.
+The dispatcher and cache are imported on first use, so importing the call types does not pay for the
+openai client.
 """
 
 from importlib import import_module
 
-from mapd.llm.base import Call, CallResult, TeacherConfig
+from mapd.llm.base import Call, CallKey, CallResult
 
-__all__ = ["Call", "CallResult", "TeacherConfig", "CallCache", "Dispatcher", "BudgetExceeded"]
+__all__ = ["Call", "CallKey", "CallResult", "CallCache", "Dispatcher", "BudgetExceeded"]
 _LAZY = {"CallCache": "mapd.llm.cache", "Dispatcher": "mapd.llm.dispatch", "BudgetExceeded": "mapd.llm.dispatch"}
 
 

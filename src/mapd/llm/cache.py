@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mapd.config import TeacherConfig
 from mapd.errors import MapdError
-from mapd.llm.base import Call, CallResult, TeacherConfig
+from mapd.llm.base import Call, CallResult
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -31,10 +32,13 @@ CREATE TABLE IF NOT EXISTS calls (
     output_tokens INTEGER NOT NULL,
     latency_s REAL NOT NULL,
     attempts INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    finish_reason TEXT,
+    cost_usd REAL
 );
 """
-_COLUMNS = "text, error, input_tokens, output_tokens, latency_s, attempts"
+_COLUMNS = "text, error, input_tokens, output_tokens, latency_s, attempts, finish_reason"
+_ADDED = {"finish_reason": "TEXT", "cost_usd": "REAL"}  # columns a version-1 file made before them lacks
 
 
 def cache_key(teacher: TeacherConfig, call: Call) -> str:
@@ -48,7 +52,7 @@ def cache_key(teacher: TeacherConfig, call: Call) -> str:
         "top_p": teacher.top_p,
         "max_tokens": teacher.max_tokens,
         "extra_body": teacher.extra_body,
-        "sample": call.sample,
+        "sample": call.key.sample,
     }
     canonical = json.dumps(identity, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -96,27 +100,32 @@ class CallCache:
             found = row[0] if row else "none"
             raise MapdError(f"{self.path}: call cache schema version {found}, this mapd reads version "
                             f"{SCHEMA_VERSION}; move it away or set cache_path")
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(calls)")}
+        for column, kind in _ADDED.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE calls ADD COLUMN {column} {kind}")
 
     def get(self, key: str) -> CallResult | None:
-        """The cached successful result for ``key`` (``cached=True``), else None."""
+        """The cached successful result for ``key`` (``cached=True``, no call key yet), else None."""
         with self._access():
             row = self._db.execute(f"SELECT {_COLUMNS} FROM calls WHERE key=? AND text IS NOT NULL", (key,)).fetchone()
         if row is None:
             return None
-        text, error, input_tokens, output_tokens, latency_s, attempts = row
-        return CallResult(text, error, input_tokens, output_tokens, latency_s, cached=True, attempts=attempts)
+        text, error, input_tokens, output_tokens, latency_s, attempts, finish_reason = row
+        return CallResult(None, text, error, input_tokens, output_tokens, latency_s, cached=True, attempts=attempts,
+                          finish_reason=finish_reason)
 
-    def put(self, key: str, result: CallResult, teacher: str = "") -> None:
-        """Record ``result`` and commit now; a failure never replaces a stored success."""
+    def put(self, key: str, result: CallResult, teacher: str = "", cost_usd: float = 0.0) -> None:
+        """Record ``result`` (and what it cost) and commit now; a failure never replaces a stored success."""
         values = (key, teacher, result.text, result.error, result.input_tokens, result.output_tokens,
-                  result.latency_s, result.attempts, time.time())
+                  result.latency_s, result.attempts, result.finish_reason, time.time(), cost_usd)
         with self._access():
             self._db.execute(
-                f"INSERT INTO calls (key, teacher, {_COLUMNS}, created) VALUES (?,?,?,?,?,?,?,?,?) "
+                f"INSERT INTO calls (key, teacher, {_COLUMNS}, created, cost_usd) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(key) DO UPDATE SET teacher=excluded.teacher, text=excluded.text, error=excluded.error, "
                 "input_tokens=excluded.input_tokens, output_tokens=excluded.output_tokens, "
-                "latency_s=excluded.latency_s, attempts=excluded.attempts, created=excluded.created "
-                "WHERE calls.text IS NULL",
+                "latency_s=excluded.latency_s, attempts=excluded.attempts, finish_reason=excluded.finish_reason, "
+                "created=excluded.created, cost_usd=excluded.cost_usd WHERE calls.text IS NULL",
                 values,
             )
 

@@ -1,27 +1,76 @@
-"""An in-process transformers teacher: the model loads once, calls run in batches.
+"""An in-process transformers model behind a micro-batching queue.
 
-``complete`` is blocking; the dispatcher runs it in a worker thread so the event loop keeps
-serving the HTTP teachers, and results are delivered (and cached) as each batch ends.
+Calls wait in a queue; one worker takes them in batches of ``max_concurrency`` (one sample index
+per batch, longest prompts first so each batch pads little) and generates each batch in a worker
+thread, so the event loop keeps serving the HTTP teachers. Each result carries its call's key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
-from collections.abc import Callable
-from itertools import groupby
+import zlib
 
+from mapd.config import TeacherConfig
 from mapd.generation import generate, load_model
-from mapd.llm.base import Call, CallResult, TeacherConfig
+from mapd.llm.base import Call, CallResult
 
 
 class LocalProvider:
-    """Generates for one local teacher; ``model`` is loaded lazily by the first ``complete``."""
+    """Generates for one local model; the model is loaded by the first batch."""
 
     def __init__(self, teacher: TeacherConfig) -> None:
         self.teacher = teacher
         self._loaded = None
         self._load_lock = threading.Lock()
+        self._queue: list[tuple[Call, asyncio.Future]] = []
+        self._worker: asyncio.Task | None = None
+
+    async def complete(self, call: Call) -> CallResult:
+        """Queue ``call`` and wait for the batch that answers it."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((call, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.ensure_future(self._work())
+        return await future
+
+    async def _work(self) -> None:
+        while self._queue:
+            await self._settle()
+            batch = self._next_batch()
+            waiting = {call.key: future for call, future in batch}
+            try:
+                results = await asyncio.to_thread(self._generate, [call for call, _ in batch])
+            except asyncio.CancelledError:  # the run that queued these calls is over
+                self._queue.clear()
+                raise
+            except Exception as exc:  # a model that cannot load: every waiting call fails with it
+                for future in [*waiting.values(), *(f for _, f in self._queue)]:
+                    if not future.done():
+                        future.set_exception(exc)
+                self._queue.clear()
+                return
+            for result in results:
+                if not waiting[result.key].done():
+                    waiting[result.key].set_result(result)
+
+    async def _settle(self) -> None:
+        """Let the callers that are ready queue their calls before a batch is cut."""
+        count = -1
+        while count != len(self._queue):
+            count = len(self._queue)
+            await asyncio.sleep(0)
+
+    def _next_batch(self) -> list[tuple[Call, asyncio.Future]]:
+        sample = min(call.key.sample for call, _ in self._queue)
+        same = [item for item in self._queue if item[0].key.sample == sample]
+        same.sort(key=lambda item: -sum(len(str(m.get("content", ""))) for m in item[0].messages))
+        batch = same[: self.teacher.max_concurrency]
+        chosen = {id(item) for item in batch}
+        self._queue = [item for item in self._queue if id(item) not in chosen]
+        return batch
 
     def _model(self):
         with self._load_lock:
@@ -29,48 +78,29 @@ class LocalProvider:
                 self._loaded = load_model(self.teacher.model, self.teacher.gguf_file)
             return self._loaded
 
-    def complete(
-        self,
-        calls: list[Call],
-        on_result: Callable[[int, CallResult], None],
-        may_start: Callable[[list[int]], bool] = lambda batch: True,
-    ) -> None:
-        """Complete ``calls`` in batches of ``max_concurrency``; ``on_result(index, result)`` after each batch.
+    def _generate(self, calls: list[Call]) -> list[CallResult]:
+        """One batch, seeded from its prompts and sample index (the same batch samples the same texts).
 
-        Calls are grouped by sample index and batch ``b`` of sample ``s`` is seeded with
-        ``s * 100003 + b``, so the same calls sample the same text. ``may_start(indices)`` is
-        asked before each batch; False stops (the budget). A generation error (e.g. out of
-        memory) becomes a failed result for its batch; a model that cannot load raises MapdError.
-        """
+        A generation error (e.g. out of memory) fails the batch's calls; a model that cannot load raises."""
         teacher = self.teacher
         model, tokenizer = self._model()
-        size = teacher.max_concurrency
-        length = {i: sum(len(str(m.get("content", ""))) for m in call.messages) for i, call in enumerate(calls)}
-        order = sorted(range(len(calls)), key=lambda i: (calls[i].sample, -length[i]))  # similar lengths batch together
-        for sample, group in groupby(order, key=lambda i: calls[i].sample):
-            group = list(group)
-            for number, start in enumerate(range(0, len(group), size)):
-                batch = group[start : start + size]
-                if not may_start(batch):
-                    return
-                began = time.perf_counter()
-                try:
-                    generations = generate(
-                        model, tokenizer, [calls[i].messages for i in batch],
-                        max_new_tokens=teacher.max_tokens, temperature=teacher.temperature, top_p=teacher.top_p,
-                        batch_size=size, seed=sample * 100003 + number,
-                    )
-                except RuntimeError as exc:  # torch reports out-of-memory and device errors as RuntimeError
-                    error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    generations = [None] * len(batch)
-                seconds = time.perf_counter() - began
-                for index, generation in zip(batch, generations):
-                    if generation is None:
-                        result = CallResult(None, error, latency_s=seconds)
-                    elif not generation.text.strip():
-                        result = CallResult(None, "UnusableReply: the model generated no text",
-                                            generation.input_tokens, generation.output_tokens, seconds)
-                    else:
-                        result = CallResult(generation.text, None, generation.input_tokens,
-                                            generation.output_tokens, seconds)
-                    on_result(index, result)
+        prompts = sorted(json.dumps(call.messages, sort_keys=True) for call in calls)
+        seed = zlib.crc32("\n".join(prompts).encode()) + calls[0].key.sample
+        began = time.perf_counter()
+        try:
+            generations = generate(
+                model, tokenizer, [call.messages for call in calls], max_new_tokens=teacher.max_tokens,
+                temperature=teacher.temperature, top_p=teacher.top_p, batch_size=len(calls), seed=seed,
+            )
+        except RuntimeError as exc:  # torch reports out-of-memory and device errors as RuntimeError
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return [CallResult(call.key, None, error, latency_s=time.perf_counter() - began) for call in calls]
+        seconds = time.perf_counter() - began
+        results = []
+        for call, generation in zip(calls, generations, strict=True):  # generate answers in input order
+            text = generation.text if generation.text.strip() else None
+            results.append(CallResult(
+                call.key, text, None if text else "UnusableReply: the model generated no text",
+                generation.input_tokens, generation.output_tokens, seconds, finish_reason=generation.finish_reason,
+            ))
+        return results

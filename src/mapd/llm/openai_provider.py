@@ -26,7 +26,8 @@ from aiolimiter import AsyncLimiter
 from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential,
                       wait_random)
 
-from mapd.llm.base import CallResult, TeacherConfig
+from mapd.config import TeacherConfig
+from mapd.llm.base import Call, CallResult
 from mapd.secrets import redact_text, redact_url, split_credentials
 
 log = logging.getLogger("mapd.llm")
@@ -101,8 +102,9 @@ class OpenAIProvider:
         self._request_limiter = AsyncLimiter(rpm, 60) if rpm else None
         self._token_limiter = AsyncLimiter(tpm, 60) if tpm else None
 
-    async def complete(self, messages: list[dict[str, str]]) -> CallResult:
-        """One chat completion with retries; failures come back as ``CallResult(text=None, error=...)``."""
+    async def complete(self, call: Call) -> CallResult:
+        """One chat completion with retries, answered with the call's key; failures come back as
+        ``CallResult(text=None, error=...)``."""
         start = time.perf_counter()
         attempts = 0
         retrying = AsyncRetrying(
@@ -116,19 +118,17 @@ class OpenAIProvider:
             async for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    result = await self._attempt(messages)
+                    result = await self._attempt(call)
         except Exception as exc:  # every failure becomes a recorded result, never an exception in the stage
-            result = CallResult(text=None, error=self._describe(exc))
-        result.latency_s = time.perf_counter() - start
-        result.attempts = attempts
-        return result
+            result = CallResult(call.key, None, self._describe(exc))
+        return result.of(call.key, latency_s=time.perf_counter() - start, attempts=attempts)
 
     async def aclose(self) -> None:
         """Close the HTTP connections."""
         await self._client.close()
 
-    async def _attempt(self, messages: list[dict[str, str]]) -> CallResult:
-        teacher = self.teacher
+    async def _attempt(self, call: Call) -> CallResult:
+        teacher, messages = self.teacher, call.messages
         if self._request_limiter:
             await self._request_limiter.acquire()
         if self._token_limiter:
@@ -148,13 +148,14 @@ class OpenAIProvider:
         refusal = message.get("refusal")
         if refusal or choice.get("finish_reason") == "content_filter":
             reason = refusal or "finish_reason is content_filter"
-            return CallResult(None, self._describe_text(f"Refusal: {reason}"), *tokens)
+            return CallResult(call.key, None, self._describe_text(f"Refusal: {reason}"), *tokens,
+                              finish_reason=choice.get("finish_reason"))
         text = message.get("content")
         if not isinstance(text, str) or not text.strip():
             raise UnusableReply(f"empty content (finish_reason {choice.get('finish_reason')})")
         if not usage:
             tokens = (tokens[0], len(text) // 4 + 1)
-        return CallResult(text, None, *tokens)
+        return CallResult(call.key, text, None, *tokens, finish_reason=choice.get("finish_reason"))
 
     def _wait(self, state: RetryCallState) -> float:
         asked = retry_after_s(state.outcome.exception() if state.outcome else None)

@@ -1,36 +1,20 @@
-"""Simulated peer review: every other teacher scores each rationale 1-5; acceptance rule."""
+"""Simulated peer review (docs/method.md#4-peer-review): the score a reviewer is asked for and its
+parser, the acceptance rule, and who reviews whom."""
 
 from __future__ import annotations
 
 import re
 import statistics
-from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field
-
-from mapd.answers import is_correct
+from mapd.answers import extract, is_correct
+from mapd.config import ReviewConfig
 from mapd.errors import MapdError
-from mapd.llm.base import Call, CallResult
-from mapd.prompts import ANSWER_FORMATS, PromptConfig
+from mapd.records import Rationale, Review
 
-if TYPE_CHECKING:  # config.py imports this module: keep its imports light
-    from mapd.llm import Dispatcher
-
-
-class ReviewConfig(BaseModel):
-    """How rationales are reviewed and accepted (METHOD.md step 4)."""
-
-    enabled: bool = Field(True, description="Peer review on; off accepts every rationale (an ablation).")
-    threshold: float = Field(3.0, description="Acceptance threshold on the aggregated valid scores.")
-    comparison: Literal[">", ">="] = Field(">", description="Accept when aggregate > threshold (the paper) or >=.")
-    aggregator: Literal["mean", "median", "min"] = Field("mean", description="How valid scores are combined.")
-    max_reviewers: int | None = Field(None, ge=1, description="Use at most this many other teachers as reviewers.")
-    require_gold_answer: bool = Field(
-        False, description="Also require the rationale's own final answer to equal the gold answer (off: faithful to the paper)."
-    )
-
-    model_config = {"extra": "forbid"}
-
+# What the review prompt asks a reviewer to end with ({score_format} in config.PromptConfig.review) and,
+# below, parse_score, which reads it: change them together.
+SCORE_FORMAT = ("then finish with a single integer score from 1 (wrong) to 5 (fully correct and sound) "
+                "in square brackets, for example [4].")
 
 # A bracketed value: "[4]", "[ 4 ]", "[4/5]", "[4.5]", "[-1]". Decimals and signs are matched so that
 # "[4.5]" is an invalid score rather than falling through to the last integer.
@@ -42,7 +26,7 @@ _AGGREGATORS = {"mean": statistics.fmean, "median": statistics.median, "min": mi
 
 
 def parse_score(text: str) -> int | None:
-    """A reviewer's 1-5 score (METHOD.md step 4): the last bracketed value, else the last number.
+    """A reviewer's 1-5 score (the reply to SCORE_FORMAT): the last bracketed value, else the last number.
 
     ``N/M`` counts as N. A value outside 1..5, a non-integer or no number at all is invalid: None.
     """
@@ -82,61 +66,13 @@ def reviewers(teacher: str, committee: list[str], config: ReviewConfig) -> list[
     return [other for other in committee if other != teacher][: config.max_reviewers]
 
 
-def review_calls(
-    record: dict, mistake: dict, committee: list[str], prompts: PromptConfig, config: ReviewConfig, *, answer_kind: str
-) -> list[Call]:
-    """The calls that review one rationale record of ``mistake``: one per reviewer, none for a failed rationale."""
-    if record["text"] is None:
-        return []
-    messages = prompts.messages(
-        prompts.review, question=mistake["question"], rationale=record["text"], gold=mistake["gold"],
-        answer_format=ANSWER_FORMATS[answer_kind],
-    )
-    return [Call(teacher=reviewer, messages=messages) for reviewer in reviewers(record["teacher"], committee, config)]
-
-
-def review_records(
-    rationales: list[dict],
-    mistakes: list[dict],
-    calls: list[list[Call]],
-    results: list[CallResult],
-    config: ReviewConfig,
-    *,
-    answer_kind: str,
-) -> list[dict]:
-    """``rationales`` with ``reviews``, ``mean_score`` and ``accepted``; ``calls[i]`` are the review calls of
-    ``rationales[i]`` and ``results`` the results of all of them, in that order."""
-    by_id = {mistake["id"]: mistake for mistake in mistakes}
-    replies = iter(results)
-    out = []
-    for record, own_calls in zip(rationales, calls, strict=True):
-        own = []
-        for call, result in zip(own_calls, replies):
-            score = None if result.text is None else parse_score(result.text)
-            own.append({"reviewer": call.teacher, "score": score, "raw": result.text, "error": result.error})
-        mean_score, accepted = accept([r["score"] for r in own], config)
-        if config.require_gold_answer:
-            accepted = accepted and is_correct(record["answer"], by_id[record["id"]]["gold"], answer_kind)
-        accepted = accepted and record["text"] is not None
-        out.append({**record, "reviews": own, "mean_score": mean_score, "accepted": accepted})
-    return out
-
-
-def review(
-    rationales: list[dict],
-    mistakes: list[dict],
-    dispatcher: Dispatcher,
-    prompts: PromptConfig,
-    config: ReviewConfig,
-    *,
-    answer_kind: str,
-) -> list[dict]:
-    """Each rationale scored by the other teachers (the committee: the teachers of ``rationales``,
-    in order of appearance) with the gold hint; adds ``reviews``, ``mean_score`` and ``accepted``."""
-    by_id = {mistake["id"]: mistake for mistake in mistakes}
-    committee = list(dict.fromkeys(record["teacher"] for record in rationales))
-    check_committee(committee, config)
-    calls = [review_calls(record, by_id[record["id"]], committee, prompts, config, answer_kind=answer_kind)
-             for record in rationales]
-    results = dispatcher.run([call for own in calls for call in own], desc="review")
-    return review_records(rationales, mistakes, calls, results, config, answer_kind=answer_kind)
+def judged(mistake_id: str, teacher: str, text: str | None, error: str | None, reviews: list[Review], *,
+           gold: str, answer_kind: str, config: ReviewConfig) -> Rationale:
+    """A rationale record: its own extracted answer, its reviews, their aggregate and the verdict.
+    A failed rationale (no text) is never accepted."""
+    answer = None if text is None else extract(text, answer_kind).answer
+    mean_score, accepted = accept([review.score for review in reviews], config)
+    if config.require_gold_answer:
+        accepted = accepted and is_correct(answer, gold, answer_kind)
+    return Rationale(id=mistake_id, teacher=teacher, text=text, error=error, answer=answer, reviews=reviews,
+                     mean_score=mean_score, accepted=accepted and text is not None)

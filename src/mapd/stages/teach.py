@@ -1,129 +1,133 @@
-"""``mapd teach``: feedback, rationales and peer review for a mistakes file (METHOD.md steps 2-4).
+"""Teach (docs/method.md#2-feedback to #4-peer-review): every teacher explains each mistake and writes
+its own rationale, and the other teachers review each rationale.
 
-The three stages are pure functions (mapd.stages.feedback, .rationales, .review); this module
-reads and writes the files around them. Feedback and rationales do not depend on each other, so
-their calls go to the dispatcher together, and each rationale's reviews start as soon as that
-rationale arrives (no stage waits for the slowest call of the one before). Every call goes through
-the call cache, so a rerun (or a run resumed after a crash) pays only for the calls not yet made.
+One coroutine per mistake: its feedback and rationale calls go out together, and each rationale's
+reviews go out as soon as that rationale arrives. Every call carries its key and goes through the
+dispatcher (cache, budget, limits, retries), so a rerun pays only for the calls not yet made.
+Records come back in mistake order, then committee order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
-from mapd.config import RunConfig
+from mapd.config import PromptConfig, ReviewConfig, TaskConfig, TeacherConfig
 from mapd.errors import MapdError
-from mapd.io import read_jsonl, write_json, write_jsonl
-from mapd.llm import Call, CallCache, CallResult, Dispatcher
-from mapd.stages.feedback import feedback_calls, feedback_records
-from mapd.stages.rationales import rationale_calls, rationale_records
-from mapd.stages.review import check_committee, review_calls, review_records
+from mapd.layout import RoundLayout
+from mapd.llm import Call, CallCache, CallKey, Dispatcher
+from mapd.models import check_local_teachers
+from mapd.prompts import answer_messages, feedback_messages, review_messages
+from mapd.records import Feedback, Mistake, Rationale, Review, TeachStats, read_mistakes, write_document, write_records
+from mapd.stages.review import check_committee, judged, parse_score, reviewers
 from mapd.tasks import get_task
 
-REQUIRED = ("id", "question", "gold", "output")
+
+class Committee:
+    """The committee's work on one mistake: the calls it makes and the records it returns."""
+
+    def __init__(self, dispatcher: Dispatcher, committee: list[str], prompts: PromptConfig, review: ReviewConfig,
+                 answer_kind: str) -> None:
+        self.dispatcher, self.committee, self.prompts = dispatcher, committee, prompts
+        self.review, self.answer_kind = review, answer_kind
+
+    async def mistake(self, mistake: Mistake) -> tuple[list[Feedback], list[Rationale]]:
+        """Every teacher's feedback on ``mistake`` and every teacher's reviewed rationale, in committee order."""
+        feedback, rationales = await asyncio.gather(
+            asyncio.gather(*(self.feedback(mistake, teacher) for teacher in self.committee)),
+            asyncio.gather(*(self.rationale(mistake, teacher) for teacher in self.committee)),
+        )
+        return list(feedback), list(rationales)
+
+    async def feedback(self, mistake: Mistake, teacher: str) -> Feedback:
+        messages = feedback_messages(self.prompts, mistake.question, mistake.output, mistake.gold, self.answer_kind)
+        result = await self.dispatcher.complete(Call(CallKey("feedback", mistake.id, teacher), messages))
+        return Feedback(id=mistake.id, teacher=teacher, text=result.text, error=result.error)
+
+    async def rationale(self, mistake: Mistake, teacher: str) -> Rationale:
+        messages = answer_messages(self.prompts, mistake.question, self.answer_kind)
+        result = await self.dispatcher.complete(Call(CallKey("rationale", mistake.id, teacher), messages))
+        reviews = [] if result.text is None else await asyncio.gather(
+            *(self.peer_review(mistake, teacher, result.text, reviewer)
+              for reviewer in reviewers(teacher, self.committee, self.review)))
+        return judged(mistake.id, teacher, result.text, result.error, list(reviews), gold=mistake.gold,
+                      answer_kind=self.answer_kind, config=self.review)
+
+    async def peer_review(self, mistake: Mistake, teacher: str, rationale: str, reviewer: str) -> Review:
+        messages = review_messages(self.prompts, mistake.question, rationale, mistake.gold, self.answer_kind)
+        result = await self.dispatcher.complete(Call(CallKey("review", mistake.id, teacher, reviewer), messages))
+        score = None if result.text is None else parse_score(result.text)
+        return Review(reviewer=reviewer, score=score, raw=result.text, error=result.error)
 
 
-def read_mistakes(path: Path) -> list[dict]:
-    """mistakes.jsonl records, each with the string fields ``id, question, gold, output`` and a unique id;
-    errors name the file, line and field."""
-    records = read_jsonl(path)
-    lines = [n for n, text in enumerate(path.read_text(encoding="utf-8").split("\n"), 1) if text.strip()]
-    seen: dict[str, int] = {}
-    for line, record in zip(lines, records):
-        for key in REQUIRED:
-            if not isinstance(record.get(key), str):
-                problem = "missing" if record.get(key) is None else f"{record[key]!r} is not a string"
-                raise MapdError(f"{path}:{line}: field '{key}': {problem}")
-        if record["id"] in seen:
-            raise MapdError(f"{path}:{line}: field 'id': {record['id']!r} already on line {seen[record['id']]}")
-        seen[record["id"]] = line
-    return records
+def teach(mistakes: list[Mistake], dispatcher: Dispatcher, *, committee: list[str], prompts: PromptConfig,
+          review: ReviewConfig, answer_kind: str) -> tuple[list[Feedback], list[Rationale]]:
+    """(feedback records, reviewed rationale records) for ``mistakes``: every mistake taught at once."""
+    check_committee(committee, review)
+    committee_work = Committee(dispatcher, committee, prompts, review, answer_kind)
 
+    async def every_mistake() -> list[tuple[list[Feedback], list[Rationale]]]:
+        return await asyncio.gather(*(committee_work.mistake(mistake) for mistake in mistakes))
 
-def teach(mistakes: list[dict], config: RunConfig, dispatcher: Dispatcher, answer_kind: str) -> tuple[list, list]:
-    """(feedback records, reviewed rationale records) for ``mistakes``, no files involved. Feedback and
-    rationale calls go to ``dispatcher`` in one batch (they are independent), and each rationale's reviews
-    start as soon as that rationale arrives."""
-    teachers = [teacher.name for teacher in config.teachers]
-    check_committee(teachers, config.review)
-    first = feedback_calls(mistakes, answer_kind, teachers, config.prompts)
-    second = rationale_calls(mistakes, answer_kind, teachers, config.prompts)
-    reviews: list[list[Call]] = [[] for _ in second]  # the review calls of each rationale
-
-    def then(index: int, result: CallResult) -> list[Call]:
-        if index < len(first):
-            return []
-        position = index - len(first)
-        mistake, teacher = mistakes[position // len(teachers)], teachers[position % len(teachers)]
-        text = result.text
-        if text is None and dispatcher.dry_run:  # not written yet: reviewed at its longest (~4 characters a token)
-            text = f"{teacher} on {mistake['id']}: ".ljust(4 * config.teacher(teacher).max_tokens, ".")
-        draft = {"teacher": teacher, "text": text}
-        reviews[position] = review_calls(draft, mistake, teachers, config.prompts, config.review,
-                                         answer_kind=answer_kind)
-        return reviews[position]
-
-    results = dispatcher.run(first + second, desc="feedback + rationales + reviews", then=then)
-    done = len(first) + len(second)
-    feedback = feedback_records(mistakes, teachers, results[: len(first)])
-    rationales = rationale_records(mistakes, answer_kind, teachers, results[len(first) : done])
-    return feedback, review_records(rationales, mistakes, reviews, results[done:], config.review,
-                                    answer_kind=answer_kind)
+    taught = dispatcher.run(every_mistake(), desc="feedback + rationales + reviews")
+    return [f for feedback, _ in taught for f in feedback], [r for _, rationales in taught for r in rationales]
 
 
 def _print_estimate(dispatcher: Dispatcher) -> None:
     print("dry run: nothing was called or written; calls still to make (cached ones excluded):")
     for name, row in dispatcher.estimated.items():
-        print(f"  {name}: {row['to_call']} calls, ~{row['input_tokens']:,} input tokens, "
-              f"at most {row['max_output_tokens']:,} output tokens, at most {row['cost_usd']:.4f} USD")
+        print(f"  {name}: {row.to_call} calls, ~{row.input_tokens:,} input tokens, "
+              f"at most {row.max_output_tokens:,} output tokens, at most {row.cost_usd:.4f} USD")
 
 
-def _acceptance_line(feedback: list[dict], rationales: list[dict]) -> str:
-    accepted = Counter(r["teacher"] for r in rationales if r["accepted"])
-    written = Counter(r["teacher"] for r in rationales)
-    failed_feedback = sum(r["text"] is None for r in feedback)
-    failed_rationales = sum(r["text"] is None for r in rationales)
+def _acceptance_line(feedback: list[Feedback], rationales: list[Rationale]) -> str:
+    accepted = Counter(r.teacher for r in rationales if r.accepted)
+    written = Counter(r.teacher for r in rationales)
     per_teacher = ", ".join(f"{name} {accepted[name]}/{n}" for name, n in written.items())
-    return (f"accepted {sum(accepted.values())} of {len(rationales)} rationales ({per_teacher}); "
-            f"failed calls: {failed_feedback} feedback, {failed_rationales} rationales")
+    return (f"accepted {sum(accepted.values())} of {len(rationales)} rationales ({per_teacher}); failed calls: "
+            f"{sum(r.text is None for r in feedback)} feedback, {sum(r.text is None for r in rationales)} rationales")
 
 
-def run_teach(config: RunConfig, mistakes_path: Path, out_dir: Path, *, dry_run: bool = False) -> dict:
-    """Teach the mistakes in ``mistakes_path``: write feedback.jsonl, rationales.jsonl and
-    teach_stats.json to ``out_dir`` and return counts. A dry run prints the estimate and writes nothing."""
-    if not config.teachers:
+def run_teach(folder: RoundLayout, *, task: TaskConfig, teachers: list[TeacherConfig], prompts: PromptConfig,
+              review: ReviewConfig, cache_path: str | None, max_budget_usd: float | None,
+              dry_run: bool = False) -> dict:
+    """Teach ``folder.mistakes``: write feedback.jsonl, rationales.jsonl and teach_stats.json and return
+    counts. A dry run prints the estimate and writes nothing."""
+    if not teachers:
         raise MapdError("teachers: the committee needs at least one teacher")
-    check_committee([teacher.name for teacher in config.teachers], config.review)
-    answer_kind = get_task(config.task).answer_kind
-    mistakes = read_mistakes(Path(mistakes_path))
-    out_dir = Path(out_dir)
-    cache_path = Path(config.cache_path).expanduser() if config.cache_path else out_dir / "cache.sqlite"
+    committee = [teacher.name for teacher in teachers]
+    check_committee(committee, review)
+    answer_kind = get_task(task).answer_kind
+    mistakes = read_mistakes(folder.mistakes)
+    check_local_teachers(teachers)
+    cache_file = Path(cache_path).expanduser() if cache_path else folder.default_cache
     with ExitStack() as stack:
-        if dry_run and not cache_path.exists():  # nothing cached yet, and a dry run leaves no file behind
-            cache_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "cache.sqlite"
-        cache = stack.enter_context(CallCache(cache_path))
-        dispatcher = stack.enter_context(
-            Dispatcher(config.teachers, cache, max_budget_usd=config.max_budget_usd, dry_run=dry_run))
-        if dry_run:  # keys are not needed to estimate
-            teach(mistakes, config, dispatcher, answer_kind)
-            _print_estimate(dispatcher)
-            return {"dry_run": dispatcher.estimated}
-        dispatcher.check_keys()
+        if dry_run and not cache_file.exists():  # nothing cached yet, and a dry run leaves no file behind
+            cache_file = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "cache.sqlite"
+        cache = stack.enter_context(CallCache(cache_file))
+        dispatcher = stack.enter_context(Dispatcher(teachers, cache, max_budget_usd=max_budget_usd, dry_run=dry_run))
+        if not dry_run:
+            dispatcher.check_keys()
         try:
-            feedback, rationales = teach(mistakes, config, dispatcher, answer_kind)
+            feedback, rationales = teach(mistakes, dispatcher, committee=committee, prompts=prompts, review=review,
+                                         answer_kind=answer_kind)
         finally:  # also when the budget stops the run: what was spent
-            print(dispatcher.summary_table())
-    write_jsonl(out_dir / "feedback.jsonl", feedback)
-    write_jsonl(out_dir / "rationales.jsonl", rationales)
-    write_json(out_dir / "teach_stats.json", dispatcher.summary())
+            if not dry_run:
+                print(dispatcher.summary_table())
+    if dry_run:
+        _print_estimate(dispatcher)
+        return {"dry_run": {name: vars(row) for name, row in dispatcher.estimated.items()}}
+    write_records(folder.feedback, feedback)
+    write_records(folder.rationales, rationales)
+    write_document(folder.teach_stats, TeachStats(dispatcher.summary()))
     print(_acceptance_line(feedback, rationales))
     return {
         "mistakes": len(mistakes),
-        "feedback_failed": sum(r["text"] is None for r in feedback),
-        "rationales_failed": sum(r["text"] is None for r in rationales),
-        "accepted": sum(r["accepted"] for r in rationales),
-        "teachers": dispatcher.summary(),
+        "feedback_failed": sum(r.text is None for r in feedback),
+        "rationales_failed": sum(r.text is None for r in rationales),
+        "accepted": sum(r.accepted for r in rationales),
+        "teachers": {name: row.model_dump() for name, row in dispatcher.summary().items()},
     }

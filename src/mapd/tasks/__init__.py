@@ -3,7 +3,8 @@
 from mapd.errors import MapdError
 from mapd.tasks import gsm8k, jsonl, logiqa, strategyqa, svamp
 from mapd.tasks import reasoning_gym as reasoning_gym_task
-from mapd.tasks.base import AnswerKind, Example, Task, TaskConfig
+from mapd.config import AnswerKind, TaskConfig
+from mapd.tasks.base import Example, Task
 
 BENCHMARKS = {"gsm8k": gsm8k.make, "svamp": svamp.make, "strategyqa": strategyqa.make, "logiqa": logiqa.make}
 

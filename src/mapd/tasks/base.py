@@ -6,14 +6,12 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
-
+from mapd.config import AnswerKind
 from mapd.errors import MapdError
 from mapd.io import read_jsonl
 
-AnswerKind = Literal["number", "bool", "choice"]
 CHOICE_LETTERS = "ABCDEFGHIJ"
 NUMBER_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 
@@ -28,34 +26,6 @@ class Example:
     options: list[str] | None = field(default=None)
 
 
-class TaskConfig(BaseModel):
-    """Which benchmark to use and where its data comes from."""
-
-    name: str = Field(
-        "svamp",
-        description="gsm8k, svamp, strategyqa, logiqa, jsonl (your own file), or "
-        "reasoning_gym:<dataset> (generated, no download), e.g. reasoning_gym:basic_arithmetic.",
-    )
-    path: str | None = Field(
-        None,
-        description="Local data: a folder holding <split>.jsonl files, or one .jsonl file. "
-        "When unset, the benchmark loads from the Hugging Face hub id the paper used.",
-    )
-    train_split: str = Field("train", description="Split the student's mistakes are mined from.")
-    test_split: str = Field("test", description="Split the student is evaluated on.")
-    train_limit: int | None = Field(None, ge=1, description="Use only the first N training questions.")
-    test_limit: int | None = Field(None, ge=1, description="Evaluate on only the first N test questions.")
-    question_field: str = Field("question", description="jsonl task: field holding the question.")
-    answer_field: str = Field("answer", description="jsonl task: field holding the gold answer.")
-    options_field: str | None = Field(None, description="jsonl task: field holding a list of options (choice kind).")
-    id_field: str | None = Field(None, description="jsonl task: field holding a unique id (default: line number).")
-    answer_kind: AnswerKind | None = Field(
-        None, description="jsonl and reasoning_gym tasks: number, bool or choice (default: number)."
-    )
-    size: int = Field(200, ge=1, description="reasoning_gym tasks: questions generated per split.")
-    seed: int = Field(731, description="reasoning_gym tasks: generator seed (the test split uses seed + 1).")
-
-    model_config = {"extra": "forbid"}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """GSM8K: grade-school math word problems with a numeric answer (hub: openai/gsm8k, config main)."""
 
 from mapd.errors import MapdError
-from mapd.tasks.base import Example, Task, TaskConfig, examples_from_rows, load_rows, number_text, require_text
+from mapd.config import TaskConfig
+from mapd.tasks.base import Example, Task, examples_from_rows, load_rows, number_text, require_text
 
 
 def _example(index: int, where: str, row: dict) -> Example:

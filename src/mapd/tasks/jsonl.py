@@ -1,8 +1,9 @@
 """Your own JSONL file: name the question, answer, options and id fields and the answer kind."""
 
 from mapd.errors import MapdError
+from mapd.config import TaskConfig
 from mapd.tasks.base import (
-    CHOICE_LETTERS, Example, Task, TaskConfig, bool_text, examples_from_rows, format_options, load_rows, number_text,
+    CHOICE_LETTERS, Example, Task, bool_text, examples_from_rows, format_options, load_rows, number_text,
     require, require_options, require_text,
 )
 

@@ -1,8 +1,9 @@
 """LogiQA: logical reading comprehension with four options (hub: lucasmccabe/logiqa)."""
 
 from mapd.errors import MapdError
+from mapd.config import TaskConfig
 from mapd.tasks.base import (
-    CHOICE_LETTERS, Example, Task, TaskConfig, examples_from_rows, format_options, load_rows, require, require_options,
+    CHOICE_LETTERS, Example, Task, examples_from_rows, format_options, load_rows, require, require_options,
     require_text,
 )
 

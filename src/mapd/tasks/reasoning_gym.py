@@ -1,7 +1,8 @@
 """reasoning-gym generators (``reasoning_gym:<dataset>``): procedurally made questions, no download."""
 
 from mapd.errors import MapdError
-from mapd.tasks.base import Example, Task, TaskConfig, bool_text, number_text
+from mapd.config import TaskConfig
+from mapd.tasks.base import Example, Task, bool_text, number_text
 
 
 def make(config: TaskConfig, dataset: str) -> Task:

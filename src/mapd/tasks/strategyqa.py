@@ -1,6 +1,7 @@
 """StrategyQA: yes/no questions that need implicit multi-step reasoning (hub: ChilleD/StrategyQA)."""
 
-from mapd.tasks.base import Example, Task, TaskConfig, bool_text, examples_from_rows, load_rows, require, require_text
+from mapd.config import TaskConfig
+from mapd.tasks.base import Example, Task, bool_text, examples_from_rows, load_rows, require, require_text
 
 
 def _example(index: int, where: str, row: dict) -> Example:
