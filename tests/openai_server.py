@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
 
 TRANSIENT_FAULTS = (
     "rate_limit",  # 429 with Retry-After: <retry_after_s> seconds
@@ -44,6 +45,10 @@ PERMANENT_FAULTS = (
     "bad_request",  # 400
 )
 ALL_FAULTS = TRANSIENT_FAULTS + PERMANENT_FAULTS
+TEACHER_FAULTS = (  # every call to the teacher would get them: not in ALL_FAULTS, whose faults are per request
+    "unauthorized",  # 401, as for a wrong key
+    "model_not_found",  # 404 "The model ... does not exist"
+)
 
 
 def default_reply(messages: list[dict], model: str) -> str:
@@ -67,10 +72,16 @@ class FakeOpenAIServer:
     retry_after_s: the Retry-After value of the ``rate_limit`` fault.
     hang_s: how long the ``timeout`` fault waits before replying.
     include_usage: send a ``usage`` object (some endpoints do not).
+    usage: send this object as ``usage`` instead of the true counts (malformed usage).
+    echo: every successful reply's content is the request as the server saw it, as JSON text
+        ``{"target": path?query, "headers": {...}, "body": {...}}`` (as some gateways and test servers do).
+    echo_errors: every error body (the 4xx/5xx faults) carries that same echo in its message.
 
     Counters (thread-safe, cleared by ``reset()``): ``requests`` (all, faulted included),
     ``requests_by_model``, ``faults`` (kind -> count), ``completions`` (successful replies),
     ``auth_headers`` (every Authorization header seen), ``bodies`` (every parsed request body),
+    ``targets`` (every chat request's path with its query string, as sent), ``queries`` (each one's query
+    parameters as a dict), ``headers`` (each one's headers as a dict),
     ``in_flight`` and ``max_in_flight`` (requests being served at once), ``answer_order`` (the arrival
     index of each successful reply, in the order the replies were sent: index i is ``bodies[i]``) and
     ``answered_out_of_order`` (how many of those went out after the reply to a request that came later).
@@ -89,10 +100,13 @@ class FakeOpenAIServer:
         retry_after_s: float = 0.01,
         hang_s: float = 5.0,
         include_usage: bool = True,
+        usage: dict | None = None,
+        echo: bool = False,
+        echo_errors: bool = False,
     ) -> None:
-        unknown = sorted((set(faults) | set(fail_first)) - set(ALL_FAULTS))
+        unknown = sorted((set(faults) | set(fail_first)) - set(ALL_FAULTS + TEACHER_FAULTS))
         if unknown:
-            raise ValueError(f"unknown faults {unknown}; known: {ALL_FAULTS}")
+            raise ValueError(f"unknown faults {unknown}; known: {ALL_FAULTS + TEACHER_FAULTS}")
         self.reply = reply or default_reply
         self._reply_takes_model = reply is None or len(inspect.signature(self.reply).parameters) >= 2
         self.latency_s, self.fault_rate, self.faults_pool = latency_s, fault_rate, tuple(faults)
@@ -102,6 +116,8 @@ class FakeOpenAIServer:
         self._latency_rng = random.Random(f"{seed}:latency")
         self.fail_first, self.seed = tuple(fail_first), seed
         self.retry_after_s, self.hang_s, self.include_usage = retry_after_s, hang_s, include_usage
+        self.usage = usage  # sent as the reply's usage object as is (malformed-usage tests)
+        self.echo, self.echo_errors = echo, echo_errors
         self._lock = threading.Lock()
         self._seen: Counter[str] = Counter()
         self.reset()
@@ -117,6 +133,9 @@ class FakeOpenAIServer:
             self.faults: Counter[str] = Counter()
             self.auth_headers: list[str] = []
             self.bodies: list[dict] = []
+            self.targets: list[str] = []
+            self.queries: list[dict[str, str]] = []
+            self.headers: list[dict[str, str]] = []
             self.in_flight = 0
             self.max_in_flight = 0
             self.answer_order: list[int] = []
@@ -185,7 +204,9 @@ class FakeOpenAIServer:
                 }
             ],
         }
-        if self.include_usage:
+        if self.usage is not None:
+            data["usage"] = self.usage
+        elif self.include_usage:
             completion = _tokens(text or refusal or "")
             data["usage"] = {
                 "prompt_tokens": _tokens(prompt),
@@ -206,6 +227,9 @@ class FakeOpenAIServer:
             self.requests_by_model[model] += 1
             self.auth_headers.append(handler.headers.get("Authorization", ""))
             self.bodies.append(body)
+            self.targets.append(handler.path)
+            self.queries.append(dict(parse_qsl(urlsplit(handler.path).query, keep_blank_values=True)))
+            self.headers.append(dict(handler.headers.items()))
             wait = self.latency_s + (self._latency_rng.uniform(*self.random_latency_s) if self.random_latency_s else 0)
         if wait:
             time.sleep(wait)
@@ -214,7 +238,10 @@ class FakeOpenAIServer:
             with self._lock:
                 self.faults[fault] += 1
             return self._fault(handler, fault, body)
-        text = self.reply(messages, model) if self._reply_takes_model else self.reply(messages)
+        if self.echo:
+            text = _echo(handler, body)
+        else:
+            text = self.reply(messages, model) if self._reply_takes_model else self.reply(messages)
         with self._lock:
             self.completions += 1
             self.answer_order.append(arrival)
@@ -222,6 +249,8 @@ class FakeOpenAIServer:
 
     def _fault(self, handler: "BaseHTTPRequestHandler", fault: str, body: dict) -> None:
         error = {"error": {"message": f"injected {fault}", "type": fault}}
+        if self.echo_errors:
+            error["error"]["message"] += f"; request: {_echo(handler, body)}"
         if fault == "rate_limit":
             _send(handler, 429, error, {"Retry-After": f"{self.retry_after_s:g}"})
         elif fault == "rate_limit_no_header":
@@ -232,6 +261,11 @@ class FakeOpenAIServer:
             _send(handler, int(fault.rsplit("_", 1)[1]), error)
         elif fault == "bad_request":
             _send(handler, 400, error)
+        elif fault == "unauthorized":
+            _send(handler, 401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+        elif fault == "model_not_found":
+            _send(handler, 404, {"error": {"message": f"The model `{body.get('model')}` does not exist",
+                                           "type": "invalid_request_error", "code": "model_not_found"}})
         elif fault == "disconnect":
             handler.close_connection = True  # the handler returns without writing a byte
         elif fault == "timeout":
@@ -248,6 +282,11 @@ class FakeOpenAIServer:
             _send(handler, 200, self._completion(body, None, refusal="I cannot help with that."))
         elif fault == "content_filter":
             _send(handler, 200, self._completion(body, "", finish="content_filter"))
+
+
+def _echo(handler: BaseHTTPRequestHandler, body: dict) -> str:
+    """The request as the server saw it: target (path and query), headers, body."""
+    return json.dumps({"target": handler.path, "headers": dict(handler.headers.items()), "body": body})
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -282,7 +321,7 @@ def _handler_class(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if self.path.rstrip("/") != "/v1/chat/completions":
+            if urlsplit(self.path).path.rstrip("/") != "/v1/chat/completions":  # a query string is allowed
                 return _send(self, 404, {"error": {"message": f"no route {self.path}"}})
             with server._lock:
                 server.in_flight += 1
@@ -294,7 +333,7 @@ def _handler_class(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                     server.in_flight -= 1
 
         def do_GET(self) -> None:
-            if self.path.rstrip("/") == "/v1/models":
+            if urlsplit(self.path).path.rstrip("/") == "/v1/models":
                 return _send(self, 200, {"object": "list", "data": []})
             _send(self, 404, {"error": {"message": f"no route {self.path}"}})
 

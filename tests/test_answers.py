@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mapd.answers import Extraction, extract, is_correct
+from mapd.answers import Extraction, extract, is_correct, unfinished
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("MAPD_REFERENCE_DATA", REPO.parent / "shared" / "reference-data"))
@@ -69,7 +69,7 @@ def test_number_marker(text: str, answer: str) -> None:
         ("He has 5 apples, x 2 makes 10 apples in total.", "10", "'x 2' is a multiplication"),
         ("A) 728 sacks\nB) 1,052 sacks\nC) 1,304 sacks\n\nAnswer: B)", "1052", "its own lettered options"),
         ("Josh now has 42 marbles. (22 marbles + 20 marbles = 42 marbles)", "42", "parenthetical working"),
-        ("You would have 2,190 cookies (53 bags x 41", "2190", "a cut-off parenthesis"),
+        ("Answer:\nYou would have 2,190 cookies (53 bags x 41", "2190", "a headline the cut did not reach"),
         ("Therefore, she has 15 apples.\n\nHow many apples does she have after giving 3 away?", "15",
          "a trailing question is not an answer"),
         ("53 inches", "53", "a bare answer"),
@@ -216,6 +216,118 @@ def test_choice_without_options_accepts_letters_up_to_j() -> None:
     assert extract("The answer is (H).", "choice").answer == "H"
 
 
+# --- cut-off texts ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "complete", "answer", "why"),
+    [
+        ("To find the total distance, we sum the distances: \\[ 1", "number", None, None, "cut inside a formula"),
+        ("So the time is \\[ t = \\frac{10", "number", None, None, "cut inside a fraction"),
+        ("So, 400 pounds * 4 = 1600 pounds of laundry Sarah does.", "number", False, None,
+         "the last sentence of cut-off working is no commitment"),
+        ("So, 400 pounds * 4 = 1600 pounds of laundry Sarah does.", "number", True, "1600", "finished: it is"),
+        ("The answer is 9.\n\nLet's verify: 18 / 2 =", "number", False, "9", "a marker before the cut"),
+        ("The total is \\boxed{12} apples.\n\nTo check, we", "number", False, "12", "a closed box before the cut"),
+        ("Answer: 9 (61 - 52", "number", None, "9", "a headline whose value the cut did not reach"),
+        ("Answer: Helen baked 46 cookies and 66 today, so she baked 20", "number", False, None,
+         "cut off right after the number: it may be shortened"),
+        ("The total cost is 500 + 294 = 794 dollars.\n\n\\boxed{79", "number", None, "794",
+         "cut inside the final box: the conclusion before it counts"),
+        ("Therefore, the total is \\[ 500 + 294 = 794 \\text{ dollars} \\]\n\nThe answer is 7", "number", False,
+         "794", "cut inside the final marker"),
+        ("The total cost is 500 + 294 = 794 dollars.\n\n\\boxed{12", "number", None, None,
+         "a shortened box that disagrees with the conclusion"),
+        ("So, Lewis pays $501,184 as rent.\n\nThe answer is \\(\\boxed", "number", False, "501184",
+         "cut right after opening the final box"),
+        ("We know 3 + 4 = 7 apples.\n\nThe answer is 12", "number", False, None, "a shortened marker, no conclusion"),
+        ("It is not edible.\n\nThe answer is false", "bool", False, "false", "a whole verdict word before the cut"),
+        ("No, the Pope would not appear on the show because", "bool", False, "false", "a verdict-led line"),
+        ("Explanation: False. The virus is absent there.\n\nTrue or False: Zika can be prevented by insect", "bool",
+         False, "false", "a verdict after a label"),
+        (" Jerry added 11 action figures to the shelf.\n\nHere's the logic behind this:\n\n1. He started with 7 (as "
+         "there are 10 fewer than 1", "number", None, "11", "an answer stated first, before the reasoning"),
+        ("Let's think. The Pope is", "bool", False, None, "no verdict before the cut"),
+        ("Let's look at each option:\n\nOption A: Jiushang is east.\nOption C: Jiushang Station is adjacent to "
+         "Haoyun Station and west of Ha", "choice", None, None, "cut off going through the options"),
+        ("A. F and W\nB. G and Y\nC. I and W\nD. I\n\nThe answer is indeed D. Most of the losses caused by",
+         "choice", False, "D", "a marker before the cut"),
+        ("The answer is A. Not to steal.\n\nThe correct answer is A.\n\nThe correct answer is B.\n\nThe correct "
+         "answer is C. The", "choice", False, None, "runs through the options"),
+    ],
+)
+def test_cut_off(text: str, kind: str, complete: bool | None, answer: str | None, why: str) -> None:
+    result = extract(text, kind, OPTIONS if kind == "choice" else None, complete=complete)
+    assert result.answer == answer, why
+    if answer is None:
+        assert result.status == ("unparsed" if complete else "truncated"), why
+
+
+@pytest.mark.parametrize(
+    ("text", "cut"),
+    [
+        ("So the answer is \\[ 1", True),
+        ("x = \\frac{10", True),
+        ("Now, we can multiply", True),
+        ("So, we", True),
+        ("Then we add 3 +", True),
+        ("1. First, 3 + 4 = 7.\n2.", True),
+        ("Option C: Jiushang Station is adjacent to Haoyun Station and west of Ha", True),
+        ("You would have 2,190 cookies (53 bags x 41", True),
+        ("The answer is 7.", False),
+        ("53 inches", False),
+        ("x = 4", False),
+        ("Answer: Helen baked 46 cookies yesterday and 66 today, so she baked 20", False),
+        ("168 pieces of gum + 84 pieces of candy = 504 pieces total", False),
+        ("4. Therefore, the number of emails in the evening must be 10 - 9 = 1 email", False),
+        ("4. **Calculate the time", True),
+        ("```python\ntotal = 7 +", True),
+        ("D. I is on the northernmost side of the island", False),
+        ("The answer is B. If humans plunder", True),
+        ("\\[ 3 + 4 = 7 \\]", False),
+        ("The answer is \\boxed{7}", False),
+        ("**No**", False),
+    ],
+)
+def test_unfinished(text: str, cut: bool) -> None:
+    assert unfinished(text) is cut
+
+
+def test_truncated_status_only_for_cut_off_texts() -> None:
+    assert extract("Let's start by adding 3 and", "number", complete=False).status == "truncated"
+    assert extract("I cannot answer this question.", "number", complete=True).status == "unparsed"
+    assert extract("", "number", complete=False).status == "unparsed"
+    assert extract("The answer is 5.", "number", complete=False) == Extraction("5", "ok", False)
+
+
+# --- choices: boxed letters and restated options ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("Checking each premise in turn.\n\n\\boxed{D}", "D"),
+        ("The answer is \\boxed{B}.", "B"),
+        ("The answer is \\boxed{\\text{C}}", "C"),
+        ("The answer is indeed D.", "D"),
+        ("A. Some managers do not drink coffee.\nB. All managers attend.\nC. No one drinks tea.\nD. Every employee.\n\n"
+         "The correct answer is D. Every employee drinks coffee.", "D"),
+        ("A. Some managers do not drink coffee.\nB. All managers attend.\nC. No one drinks tea.\nD. Every employee.",
+         None),
+        ("The correct answer is A.\n\nThe correct answer is B.\n\nThe correct answer is C.", None),
+        ("The answer is A. Some managers do not drink coffee.\nB. All managers attend.\nC. No one drinks tea.", None),
+        ("The most suitable conclusion is:\n\nC. No one who attends the Monday meeting drinks tea.", "C"),
+    ],
+)
+def test_choice_boxed_and_lists(text: str, answer: str | None) -> None:
+    assert extract(text, "choice", OPTIONS).answer == answer
+
+
+def test_bool_markers_that_disagree_commit_to_none() -> None:
+    assert extract("The answer is false.\n\nThe answer is true.\n\nThe answer is true.", "bool").answer is None
+    assert extract("The answer is false.\n\nThe answer is false because ...", "bool").answer == "false"
+
+
 # --- is_correct and the API -----------------------------------------------------------------------------
 
 
@@ -312,3 +424,95 @@ def test_labelled_accuracy(labelled) -> None:
         assert row.ours_rate >= 0.95, (group, row, [(m["source"], m["ref_id"]) for m in misses])
         assert row.naive_rate < row.ours_rate, (group, row)
     assert sum(rows[g].n for g in bench.GROUPS) >= 150
+
+
+# --- the cut-off set: SmolLM2 / Qwen outputs on four tasks at two token limits ---------------------------
+
+
+def _cutoff_bench():
+    spec = importlib.util.spec_from_file_location("answers_cutoff", REPO / "bench" / "answers_cutoff.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cutoff_set_is_what_the_docs_say() -> None:
+    """At least 200 texts over four tasks, two models and two token limits, a third or more cut off, each
+    labelled with a reason; the dev/holdout split is the seeded one; labels are canonical answers."""
+    bench = _cutoff_bench()
+    records = bench.load_set()
+    assert len(records) >= 200
+    assert {r["task"] for r in records} == set(bench.TASKS)
+    assert {r["model"] for r in records} == set(bench.MODELS)
+    assert len({r["max_new_tokens"] for r in records}) >= 2
+    assert sum(r["cut_off"] for r in records) >= len(records) / 3
+    assert len({(r["model"], r["max_new_tokens"], r["task"], r["ref_id"]) for r in records}) == len(records)
+    kinds = {"gsm8k": "number", "svamp": "number", "strategyqa": "bool", "logiqa": "choice"}
+    for r in records:
+        assert r["kind"] == kinds[r["task"]] and r["why"], r
+        assert r["sample"] == bench.sample_of(r), r
+        assert r["output_tokens"] <= r["max_new_tokens"], r
+        assert r["output_tokens"] == r["max_new_tokens"] or not r["cut_off"], r
+        if r["label"] is not None:
+            assert extract(f"The answer is {r['label']}.", r["kind"]).answer == r["label"], r
+    assert {"dev", "holdout"} <= {r["sample"] for r in records} <= {"dev", "holdout", "holdout2"}
+
+
+def test_cutoff_set_is_the_seeded_draws(shared) -> None:
+    """Every text answers a question of the seeded draw for its model, limit and task: nothing picked."""
+    spec = importlib.util.spec_from_file_location("answers_collect", REPO / "bench" / "answers_collect.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    records = _cutoff_bench().load_set()
+    for (model, limit, task) in {(r["model"], r["max_new_tokens"], r["task"]) for r in records}:
+        mine = {r["ref_id"]: r for r in records if (r["model"], r["max_new_tokens"], r["task"]) == (model, limit, task)}
+        drawn = collect.draw(task, model, limit, len(mine))
+        assert sorted(str(row["id"]) for row in drawn) == sorted(mine), (model, limit, task)
+        for row in drawn:
+            assert collect.question_of(task, row)[1] == mine[str(row["id"])]["gold"]
+
+
+def test_cutoff_accuracy(shared) -> None:
+    """Agreement with the person's labels: >= 95 % overall, >= 90 % for each model and task, above the
+    naive rule; the held-out part (never read while writing the rules) is reported beside it."""
+    bench = _cutoff_bench()
+    rows, misses = bench.measure(bench.load_set(), bench.load_options(shared / "data"))
+    print("\n" + bench.table(rows, ["all", "dev", "holdout", *(f"{m}/{t}" for m in bench.MODELS for t in bench.TASKS)]))
+    n, naive_right, ours_right = rows["all"]
+    assert ours_right / n >= 0.95, [(m["model"], m["task"], m["ref_id"]) for m in misses]
+    assert naive_right < ours_right
+    for model in bench.MODELS:
+        for task in bench.TASKS:
+            n, _, ours_right = rows[f"{model}/{task}"]
+            assert ours_right / n >= 0.90, (model, task, rows[f"{model}/{task}"])
+
+
+def test_collection_prompt_is_the_pipelines(shared) -> None:
+    """bench/answers_collect.py builds the pipeline's answer prompt itself; it must equal mapd's own."""
+    spec = importlib.util.spec_from_file_location("answers_collect", REPO / "bench" / "answers_collect.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    try:  # the prompt API: mapd.prompts.answer_messages(PromptConfig(), ...) or PromptConfig().answer_messages(...)
+        from mapd import prompts
+
+        if hasattr(prompts, "answer_messages"):
+            from mapd.config import PromptConfig
+
+            def pipeline(question: str, kind: str) -> list:
+                return prompts.answer_messages(PromptConfig(), question, kind)
+        else:
+            def pipeline(question: str, kind: str) -> list:
+                return prompts.PromptConfig().answer_messages(question, kind)
+    except ImportError:
+        pytest.skip("no prompt API to compare with")
+    try:
+        from mapd.tasks import TaskConfig, get_task
+    except ImportError:
+        pytest.skip("no task API to compare with")
+    for task in collect.TASKS:
+        examples = {e.id: e for e in get_task(TaskConfig(name=task, path=str(shared / "data" / task))).load("test")}
+        for row in collect.draw(task, "qwen", 96, 3):
+            question, gold = collect.question_of(task, row)
+            assert (question, gold) == (examples[str(row["id"])].question, examples[str(row["id"])].gold), task
+            assert collect.messages(task, row) == pipeline(question, collect.KINDS[task]), task

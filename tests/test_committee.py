@@ -164,8 +164,8 @@ def test_feedback_rationales_review_end_to_end(server, dispatcher_for):
 
     assert [(r.id, r.teacher) for r in records] == [(m.id, t) for m in mistakes for t in COMMITTEE]
     assert [r.answer for r in records[:3]] == ["7", "7", "8"]
-    assert set(records[0].model_dump()) == {"id", "teacher", "text", "error", "answer", "reviews", "mean_score",
-                                            "accepted"}
+    assert set(records[0].model_dump()) == {"id", "teacher", "text", "error", "answer", "cut_off", "reviews",
+                                            "mean_score", "accepted"}
 
     assert review_requests(server) == len(records) * 2  # each rationale reviewed by the two others, once
     assert server.requests == len(notes) + len(records) + len(records) * 2
@@ -236,7 +236,8 @@ def test_mapd_teach_writes_artifacts_and_a_rerun_calls_nothing(tmp_path, server,
     notes, drafts = read_jsonl(out / "feedback.jsonl"), read_jsonl(out / "rationales.jsonl")
     pairs = [(f"q{i}", t) for i in range(4) for t in COMMITTEE]
     assert [(r["id"], r["teacher"]) for r in notes] == pairs == [(r["id"], r["teacher"]) for r in drafts]
-    assert set(drafts[0]) == {"id", "teacher", "text", "error", "answer", "reviews", "mean_score", "accepted"}
+    assert set(drafts[0]) == {"id", "teacher", "text", "error", "answer", "cut_off", "reviews", "mean_score",
+                              "accepted"}
     stats = json.loads((out / "teach_stats.json").read_text())
     assert stats["gpt"]["calls"] == 4 + 4 + 8 and stats["gpt"]["failures"] == 0
 
@@ -336,7 +337,8 @@ def test_import_reference_gsm8k_and_logiqa_layouts(tmp_path):
                                   "student_wrong_pred": "Answer: 12", "student_wrong_final_answer": "12"}]))
     import_reference("gsm8k", gsm8k, None, None, RoundLayout(tmp_path / "g"))
     assert read_jsonl(tmp_path / "g" / "mistakes.jsonl") == [
-        {"id": "3", "question": "How many?", "gold": "1234", "output": "Answer: 12", "answer": "12", "status": "wrong"}]
+        {"id": "3", "question": "How many?", "gold": "1234", "output": "Answer: 12", "answer": "12", "status": "wrong",
+         "cut_off": None}]
     logiqa = tmp_path / "logiqa.json"
     logiqa.write_text(json.dumps([{"id": 0, "context": "All cats sleep.", "question": "Which follows?",
                                    "options": ["a", "b", "c", "d"], "gold_answer": "2", "student_wrong_pred": "b",

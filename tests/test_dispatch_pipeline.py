@@ -201,7 +201,7 @@ def test_teach_pipelined_equals_the_two_step_teach(tmp_path, monkeypatch):
                         committee.peer_review(mistake, teacher, draft.text, reviewer)
                         for reviewer in reviewers(teacher, names, review)))
                     return judged(mistake.id, teacher, draft.text, draft.error, list(reviews), gold=mistake.gold,
-                                  answer_kind="number", config=review)
+                                  answer_kind="number", config=review, cut_off=draft.cut_off)
 
                 return list(await asyncio.gather(*(reviewed(draft) for draft in drafts)))
 
@@ -283,9 +283,9 @@ def test_every_record_lands_on_its_own_key_whatever_order_the_replies_come_in(tm
             raw = signed_reply(review_messages(prompts, mistake.question, text, mistake.gold, "number"),
                                f"model-{reviewer}")
             reviews.append(Review(reviewer=reviewer, score=parse_score(raw), raw=raw))
-        return (Feedback(id=mistake.id, teacher=teacher, text=said),
+        return (Feedback(id=mistake.id, teacher=teacher, text=said, cut_off=False),  # the server's "stop"
                 judged(mistake.id, teacher, text, None, reviews, gold=mistake.gold, answer_kind="number",
-                       config=review))
+                       config=review, cut_off=False))
 
     wanted = [expected(m, t) for m in mistakes for t in names]
     assert feedback == [f for f, _ in wanted]

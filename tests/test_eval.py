@@ -189,8 +189,9 @@ def test_evaluate_records_and_metrics(tiny):
     predictions = evaluate(model, tokenizer, examples, "number", PromptConfig(), batch_size=2, max_new_tokens=4)
     assert [p.id for p in predictions] == ["0", "1", "2"]
     for p in predictions:
-        assert set(p.model_dump()) == {"id", "question", "output", "answer", "status", "strict", "gold", "correct"}
-        assert p.status in {"ok", "unparsed"} and (p.answer is None) == (p.status == "unparsed")
+        assert set(p.model_dump()) == {"id", "question", "output", "answer", "status", "cut_off", "strict", "gold",
+                                       "correct"}
+        assert p.status in {"ok", "unparsed", "truncated"} and (p.answer is None) == (p.status != "ok")
     empty = metrics([], task="svamp", split="test", model="m", seconds=0.0)
     assert {k: getattr(empty, k) for k in ("n", "accuracy", "strict_accuracy", "unparsed_rate")} == {
         "n": 0, "accuracy": 0.0, "strict_accuracy": 0.0, "unparsed_rate": 0.0}
@@ -223,7 +224,8 @@ def test_eval_and_mine_with_known_outputs(tiny_model_dir, svamp_dir, tmp_path, m
     assert [(p.answer, p.strict, p.correct) for p in predictions] == [
         ("145", True, True), ("7", False, True), ("35", True, False)]
     result = json.loads(EvalLayout(out).metrics.read_text())
-    assert set(result) == {"task", "split", "model", "n", "accuracy", "strict_accuracy", "unparsed_rate", "seconds"}
+    assert set(result) == {"task", "split", "model", "n", "accuracy", "strict_accuracy", "unparsed_rate",
+                           "cut_off_rate", "truncated_rate", "seconds"}
     assert (result["n"], result["accuracy"], result["strict_accuracy"]) == (3, 2 / 3, 1 / 3)
     assert calls[-1]["temperature"] == 0.0 and calls[-1]["max_new_tokens"] == 8
     assert "accuracy 66.7%" in capsys.readouterr().out
@@ -231,7 +233,7 @@ def test_eval_and_mine_with_known_outputs(tiny_model_dir, svamp_dir, tmp_path, m
     unparsed = predictions[0].model_copy(update={"id": "x", "answer": None, "status": "unparsed", "correct": False})
     mistakes = mine(predictions + [unparsed])
     assert [(m.id, m.status) for m in mistakes] == [("2", "wrong"), ("x", "unparsed")]
-    assert set(mistakes[0].model_dump()) == {"id", "question", "gold", "output", "answer", "status"}
+    assert set(mistakes[0].model_dump()) == {"id", "question", "gold", "output", "answer", "status", "cut_off"}
 
 
 def test_run_mine_writes_mistakes(tiny_model_dir, svamp_dir, tmp_path, monkeypatch):
@@ -245,7 +247,7 @@ def test_run_mine_writes_mistakes(tiny_model_dir, svamp_dir, tmp_path, monkeypat
     summary = run_mine(RoundLayout(tmp_path / "round-0"), task=config.task, student=config.student,
                        prompts=config.prompts)
     assert {k: v for k, v in summary.items() if k != "seconds"} == {
-        "n": 3, "correct": 1, "wrong": 1, "unparsed": 1, "accuracy": 1 / 3}
+        "n": 3, "correct": 1, "wrong": 1, "unparsed": 1, "truncated": 0, "accuracy": 1 / 3}
     mistakes = read_jsonl(tmp_path / "round-0" / "mistakes.jsonl")
     assert [(m["id"], m["status"], m["answer"], m["gold"]) for m in mistakes] == [
         ("1", "unparsed", None, "7"), ("2", "wrong", "35", "30")]

@@ -14,8 +14,9 @@ from tests.openai_server import PERMANENT_FAULTS, TRANSIENT_FAULTS, FakeOpenAISe
 from mapd.config import TeacherConfig
 from mapd.errors import MapdError
 from mapd.generation import Generation
-from mapd.llm import BudgetExceeded, Call, CallCache, CallKey, CallResult, Dispatcher
+from mapd.llm import Call, CallCache, CallKey, CallResult, Dispatcher
 from mapd.llm.cache import cache_key
+from mapd.llm.dispatch import BUDGET_ERROR
 from mapd.llm.openai_provider import Backoff, retry_after_s
 
 KEY_ENV = "MAPD_TEST_LLM_KEY"
@@ -222,14 +223,17 @@ def test_request_rate_limit_spaces_requests(cache):
 def test_budget_stops_new_calls_and_keeps_the_finished(cache, concurrency):
     priced = {"max_concurrency": concurrency, "max_tokens": 100, "price_output_per_mtok": 10_000.0}  # 100 tokens: 1 USD
     with FakeOpenAIServer(reply=lambda messages: "x" * 400) as server:  # replies of 100 tokens
-        with pytest.raises(BudgetExceeded, match="max_budget_usd=5"):
-            run([teacher(server, **priced)], cache, calls_for("t", 20), max_budget_usd=5.0)
+        stopped, refused = run([teacher(server, **priced)], cache, calls_for("t", 20), max_budget_usd=5.0)
         made = server.completions
-        assert made == 5
+        assert made == 5 and stopped.budget_reached and stopped.summary()["t"].not_made == 15
+        assert sum(r.error == BUDGET_ERROR for r in refused) == 15 and sum(bool(r.text) for r in refused) == 5
         server.reset()
+        again, _ = run([teacher(server, **priced)], cache, calls_for("t", 20), max_budget_usd=5.0)
+        assert server.requests == 0 and again.budget_reached  # the budget is a total: the same budget pays nothing more
         dispatcher, results = run([teacher(server, **priced)], cache, calls_for("t", 20), max_budget_usd=100.0)
     assert server.requests == 20 - made and all(r.text for r in results)
     assert dispatcher.summary()["t"].cache_hits == made and dispatcher.spent_usd <= 100
+    assert cache.spent_usd() == pytest.approx(20.0)  # every call paid once, over the three runs
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
@@ -294,7 +298,7 @@ def test_summary_has_the_teach_stats_fields(cache):
         dispatcher, _ = run([teacher(server)], cache, calls_for("t", 5))
     row = dispatcher.summary()["t"]
     assert set(row.model_dump()) == {"calls", "cache_hits", "failures", "input_tokens", "output_tokens", "cost_usd",
-                                     "seconds", "latency_p50_s", "latency_p95_s"}
+                                     "seconds", "latency_p50_s", "latency_p95_s", "not_made", "usage_estimated", "stopped"}
     assert row.calls == 5 and row.input_tokens > 0 and row.latency_p95_s >= row.latency_p50_s
     assert "t" in dispatcher.summary_table()
 

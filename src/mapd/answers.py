@@ -9,11 +9,18 @@ looks for the places where a text commits to an answer, strongest first:
    sentence; an answer stated before "Here's the reasoning:"; the result of the last equation;
    yes/no: a line that opens with its verdict ("False. ..."), "the statement is false", and last
    the polarity of a concluding sentence ("Therefore, it is unlikely that ...");
-4. choices: a letter ("(C)", "option C", "C is correct") or the text of one option.
+4. choices: a letter ("(C)", "option C", "C is correct", ``\\boxed{D}``) or the text of one option;
+   a restated list of the options, or markers that run through several letters, commit to none.
 
 It answers "unparsed" when the text never commits: empty or refusing texts, texts cut off while
 restating the question, per-part results never combined ("Math: 8 pages / Biology: 3"), two values
 side by side, ranges, equations never solved, hints or quizzes handed back to the reader.
+
+A text cut off by the token limit (``complete=False``, or judged so from the text when ``complete``
+is None: it ends inside a sentence, a formula or a list) commits only explicitly: a marker, an
+"Answer:" headline or a closed ``\\boxed{}`` stated before the cut (or a conclusion just before a
+final marker the cut shortened: "= 794 dollars. \\boxed{79"). The last number or sentence of its
+unfinished working is no answer; without an explicit one the status is "truncated".
 docs/answers.md has the rules in more detail and the accuracy on a labelled sample of real outputs.
 """
 
@@ -35,11 +42,12 @@ class Extraction:
     """What a text answers. ``answer`` is canonical: "145", "0.5", "-3"; "true"/"false"; "A".."J"."""
 
     answer: str | None
-    status: str  # "ok" or "unparsed"
+    status: str  # "ok", "unparsed" (the text commits to no answer) or "truncated" (cut off before it committed)
     strict: bool  # the text's last sentence is the requested "The answer is X."
 
 
 UNPARSED = Extraction(None, "unparsed", False)
+TRUNCATED = Extraction(None, "truncated", False)
 SEVERAL = ""  # internal: the text states several values and commits to none of them
 
 # --- patterns: numbers ------------------------------------------------------------------------------
@@ -111,7 +119,6 @@ REFUSAL = re.compile(
     r"(?:answer|determine|calculate|tell|find|know|say|provide|give)|"
     r"\b(?:not\s+enough|insufficient|additional|more)\s+information\b|"
     r"\bdo(?:es)?\s+not\s+(?:provide|mention|contain)\b|\bup\s+to\s+you\b", re.I)
-# The requested format as the text's last sentence: "The answer is X." (a "So," in front is fine).
 # The answer line each prompt asks for (mapd.prompts fills {answer_format} with it) and STRICT below, the
 # parser that checks a text ended with it: change them together.
 ANSWER_FORMATS = {
@@ -119,6 +126,7 @@ ANSWER_FORMATS = {
     "bool": 'End with the line "The answer is true." or "The answer is false."',
     "choice": 'End with the line "The answer is X." where X is the letter of the correct option.',
 }
+# The requested format as the text's last sentence: "The answer is X." (a "So," in front is fine).
 STRICT = re.compile(r"^(?:(?:so|therefore|thus|hence),?\s+)?the\s+answer\s+is\s*:?\s*(?P<value>.+?)\s*[.!]?$", re.I)
 
 # --- patterns: yes / no ---------------------------------------------------------------------------------
@@ -151,25 +159,42 @@ LETTER_IS_CORRECT = re.compile(r"\b(?-i:(?P<letter>[A-J]))\)?\s+is\s+(?:the\s+)?
 # --- public API -----------------------------------------------------------------------------------------
 
 
-def extract(text: str, kind: str, options: list[str] | None = None) -> Extraction:
+def extract(text: str, kind: str, options: list[str] | None = None, *, complete: bool | None = None) -> Extraction:
     """The final answer ``text`` commits to, for an answer ``kind`` of "number", "bool" or "choice".
 
     ``options`` (choice kind) lets the extractor recognise an answer given as an option's text.
+    ``complete``: False for a text stopped by the token limit, True for a finished one, None when
+    unknown (the extractor then judges from the text, as a person does: a text that ends inside a
+    sentence, a formula or a list is unfinished). A cut-off text commits only explicitly (an answer
+    marker, an "Answer:" headline, a complete ``\\boxed{}`` stated before the cut); without one its
+    status is "truncated".
     """
     if kind not in KINDS:
         raise ValueError(f"unknown answer kind {kind!r}; expected one of {KINDS}")
-    clean = _normalize(text or "")
+    raw = text or ""
+    clean = _normalize(raw)
     if not clean.strip():
         return UNPARSED
-    if kind == "number":
-        answer = _number_answer(clean) or None  # SEVERAL counts as no answer
-    elif kind == "bool":
-        answer = _bool_answer(clean)
-    else:
-        answer = _choice_answer(clean, options)
+    if complete is None:
+        complete = not unfinished(raw)
+    if not complete:
+        answer = _committed_before_cut(clean, kind, options)
+        if answer is None:
+            return TRUNCATED
+        return Extraction(answer, "ok", False)
+    answer = _answer(clean, kind, options)
     if answer is None:
         return UNPARSED
     return Extraction(answer, "ok", _is_strict(clean, answer, kind, options))
+
+
+def _answer(clean: str, kind: str, options: list[str] | None) -> str | None:
+    """The answer a finished (normalized) text commits to, or None."""
+    if kind == "number":
+        return _number_answer(clean) or None  # SEVERAL counts as no answer
+    if kind == "bool":
+        return _bool_answer(clean)
+    return _choice_answer(clean, options)
 
 
 def is_correct(answer: str | None, gold: str, kind: str) -> bool:
@@ -217,6 +242,145 @@ def _sentences(text: str) -> list[str]:
 def _numbers(text: str) -> list[re.Match]:
     """The numbers outside brackets."""
     return list(NUMBER.finditer(PARENTHETICAL.sub(" ", text)))
+
+
+# --- cut-off texts -------------------------------------------------------------------------------------
+
+# Words a finished sentence does not end on ("... how many eggs they will", "So, we").
+DANGLING_WORD = re.compile(
+    r"\b(?:the|a|an|of|to|and|or|but|is|are|was|were|be|been|by|with|from|for|in|on|at|as|that|which|who|this|"
+    r"these|those|we|i|you|he|she|it|they|our|their|his|her|its|can|will|would|should|must|has|have|had|do|does|"
+    r"not|than|then|so|if|when|because|since|each|per|into|onto|about|after|before|between|both|either|neither|"
+    r"let|let's|us|get|find|need|next|therefore|thus|hence|what|how|"
+    r"equals|gives|option|answer|statement|step|multiply|divide|add|subtract|calculate|compute|determine|solve|use|"
+    r"set|plug|substitute|simplify|consider|check|look|analyze|evaluate)$", re.I)
+# A line that opens a list item or a step and has nothing after it yet ("2.", "B)", "Step 3:").
+EMPTY_ITEM = re.compile(r"^\s*(?:[-*•]|(?:step\s*)?\d+[.):]|\(?[A-J][.):]|#+)?\s*$", re.I)
+# A marker whose value the cut may have shortened: "The answer is 7" / "\boxed{79" / "Answer:" at the very end.
+PENDING_MARKER = re.compile(
+    r"(?:\b(?:the\s+)?(?:final\s+)?answer(?:\s+is|\s*:)|\\boxed\s*\{|\bcorrect\s+(?:option|answer|choice)\s+is)"
+    r"\s*:?\s*(?P<partial>[^\n]{0,12})$", re.I)
+
+
+def unfinished(text: str) -> bool:
+    """Whether a text looks stopped mid-way, as a person judges it: it ends inside a formula or code (an
+    open ``\\[``, ``{``, ``(``, ``$$`` or code block, a trailing operator), inside a sentence (a dangling
+    word; a new sentence that stops; a prose line of six words or more with no closing punctuation), on
+    a heading that nothing follows ("4. Calculate the time") or on an empty list item ("3."). A line
+    that ends on a number ("so she baked 20") reads as finished: a person cannot tell either."""
+    text = text.rstrip()
+    if not text:
+        return False
+    if text.count("\\[") > text.count("\\]") or text.count("\\(") > text.count("\\)") or text.count("$$") % 2:
+        return True
+    if text.count("{") > text.count("}") or text.count("```") % 2:
+        return True
+    last = re.sub(r"\*\*|__|`", "", text.split("\n")[-1]).strip()
+    if not last:
+        return False
+    if last.count("(") > last.count(")") or last.count("[") > last.count("]"):
+        return True
+    if re.search(r"(?:[=+*/^:,(&\\-]|\bx|\\frac|\\times|\\cdot)$", last):
+        return True
+    if EMPTY_ITEM.match(last):
+        return True
+    if re.search(r"[.!?)\]}\"'”]$", last):
+        return False
+    words = re.findall(r"[A-Za-z']+", last)
+    if words and words[-1] not in LETTERS and DANGLING_WORD.search(words[-1]) and not re.search(r"\d", last[-3:]):
+        return True
+    body = LIST_PREFIX.sub("", last)
+    if re.search(r"\d%?$", body):
+        return False
+    heading = body != last or re.match(r"^\s*step\s*\d+\s*:", last, re.I)
+    if heading and len(body.split()) <= 5:
+        return True  # a heading that nothing follows ("4. Calculate the time", "Step 8: Determine the height")
+    if re.match(r"^\(?(?-i:[A-J])[.)]\s", last):
+        return False  # a listed option ("D. I is on the northernmost side"): options have no full stop
+    if re.search(r"\w\s+\w+[.!?]\s+\S", body):
+        return True  # a new sentence began on the last line and stopped ("The answer is B. If humans plunder")
+    # a prose line that simply stops ("... and west of Ha"); one that ends on a number ("so she baked 20"),
+    # and short answer lines ("53 inches", "x = 4"), read as finished
+    return len(re.findall(r"[a-z]{2,}", body)) >= 6 and "=" not in body
+
+
+def _cut_point(text: str) -> int:
+    """Where the unfinished fragment of a cut-off text starts: the last line if it has no closing
+    punctuation, from its last sentence end; else the end of the text."""
+    stripped = text.rstrip()
+    start = stripped.rfind("\n") + 1
+    last = stripped[start:]
+    if re.search(r"[.!?]\**$", last) and not unfinished(stripped):
+        return len(stripped)
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s+\S)", last)]
+    return start + ends[-1] if ends else start
+
+
+def _committed_before_cut(text: str, kind: str, options: list[str] | None) -> str | None:
+    """The answer a cut-off text commits to explicitly before the cut, or None."""
+    cut = _cut_point(text)
+    body, fragment = text[:cut], text[cut:].strip()
+    answer = _explicit(body, kind, options)
+    if answer:
+        return answer
+    # A commitment on the cut line whose value the cut did not reach ("Answer: 9 (61 - 52"): the
+    # same without the last, possibly shortened, word.
+    shortened = re.sub(r"[\w.,]+$", "", text.rstrip())
+    answer = _explicit(shortened, kind, options)
+    if answer and answer == _explicit(text, kind, options):
+        return answer
+    # Cut inside its final marker ("... = 794 dollars.\n\nThe answer is \boxed{79"): the working was
+    # done; its conclusion counts when the shortened value agrees with it.
+    pending = PENDING_MARKER.search(fragment) if fragment else None
+    if pending and pending.start() < 40:
+        partial = re.sub(r"\\(?:boxed|text|mathrm)|[^0-9A-Za-z]", "", pending.group("partial"))
+        # a whole yes/no word or a single letter cannot be the start of another answer
+        if kind == "bool" and partial.lower() in ("true", "false", "yes", "no"):
+            return _to_bool(partial)
+        if kind == "choice" and re.fullmatch(r"[A-J]", partial):
+            return partial if partial in (LETTERS[: len(options)] if options else LETTERS) else None
+        before = _answer(body.rstrip(), kind, options) if _sentences(body) else None
+        if before and (not partial or (kind == "number" and before.replace("-", "").startswith(partial))):
+            return before
+    return None
+
+
+def _explicit(body: str, kind: str, options: list[str] | None) -> str | None:
+    """An explicit commitment in ``body``: a marker ("The answer is X", a closed \\boxed{X}) or an
+    "Answer: X" headline; for numbers also an answer stated before "Here's the reasoning:"; for yes/no
+    also a line that opens with its verdict. Markers that disagree commit to none."""
+    if not body.strip():
+        return None
+    if kind == "number":
+        for rest in _strong_segments(body):
+            value = _value_of(rest, body)
+            if value is not None:
+                return value or None
+        headline = _headline(body)
+        if headline:
+            return headline
+        opener = OPENER_FOLLOWED.search(body)  # "Jerry added 11 action figures.\n\nHere's the logic: ..."
+        stated = [s for s in _sentences(body[: opener.start()]) if _numbers(s)] if opener else []
+        return (_value_of(stated[-1], body) or None) if stated else None
+    if kind == "bool":
+        lines = [line for line in body.split("\n")
+                 if line.strip() and not ASIDE_LINE.match(line) and not line.rstrip().endswith("?")]
+        clean = "\n".join(lines)
+        marked = _marked_verdicts(clean)
+        if marked:
+            return marked[0] if len(set(marked)) == 1 else None
+        for m in ANSWER_LABEL.finditer(clean):
+            value = _verdict(_first_clause(m.group("rest")))
+            if value:
+                return value
+        for line in lines:  # "No, ...", "False. ...", also after a label ("Explanation: False. ...")
+            m = VERDICT_LED.match(re.sub(r"^\s*[A-Za-z]+\s*:\s*", "", LIST_PREFIX.sub("", line)))
+            if m:
+                return "true" if m.group(1).lower() in ("true", "yes") else "false"
+        return None
+    if _conflicting_letters(_marked_segments(body), options):
+        return None
+    return _letter_in(_marked_segments(_without_restated_lists(body)), options)
 
 
 # --- numbers --------------------------------------------------------------------------------------------
@@ -312,6 +476,9 @@ def _value_of(segment: str, text: str) -> str | None:
         lhs, rhs = body[: results[-1].start()], body[results[-1].end():]
         found = _numbers(rhs)
         if found and found[0].start() < 8:
+            bare = re.fullmatch(r"\s*-?[$€£]?\s?\d[\d,.]*\s*", lhs)
+            if bare and results[-1].group(0) == "=" and _to_fraction(lhs) != _to_fraction(found[0].group("num")):
+                return SEVERAL  # "11 = 18": a contradiction, not a result
             return None if _unsolved(lhs) else _canonical(found[0])
     body = CONCLUSION.sub("", body, count=1).lstrip(" ,:")
     main = SUBORDINATE.sub("", body, count=1)
@@ -474,15 +641,21 @@ def _verdict(segment: str) -> str | None:
     return words.pop() if len(words) == 1 else None
 
 
+def _marked_verdicts(text: str) -> list[str]:
+    """The verdict of each "the answer is ..." / \\boxed{} marker that gives one, the latest first."""
+    return [v for v in (_verdict(_first_clause(rest)) for rest in _strong_segments(text)) if v]
+
+
 def _bool_answer(text: str) -> str | None:
     lines = [line for line in text.split("\n")
              if line.strip() and not ASIDE_LINE.match(line) and not line.rstrip().endswith("?")]
     body = "\n".join(lines)
-    # 1. "The answer is false", "Final answer: yes", \boxed{yes}: the last one.
-    for rest in _strong_segments(body):
-        value = _verdict(_first_clause(rest))
-        if value:
-            return value
+    # 1. "The answer is false", "Final answer: yes", \boxed{yes}: the last one, unless they disagree.
+    marked = _marked_verdicts(body)
+    if len(set(marked)) > 1:
+        return None
+    if marked:
+        return marked[0]
     # 2. "Answer: False"; 3. a line that opens with its verdict ("False. The Pope ...", "No, ...").
     for m in ANSWER_LABEL.finditer(body):
         value = _verdict(_first_clause(m.group("rest")))
@@ -512,27 +685,87 @@ def _bool_answer(text: str) -> str | None:
 
 # --- choices --------------------------------------------------------------------------------------------
 
+# Words between a marker and its letter: "The answer is indeed D", "the answer is clearly (B)".
+FILLER = re.compile(r"^\W*(?:(?:indeed|clearly|therefore|thus|most\s+likely|likely|probably|definitely|actually|"
+                    r"simply|now)\b\W*)+", re.I)
+# A line that lists an option: "A. text", "(B) text", "Option C: text", "- D) text".
+OPTION_LINE = re.compile(r"^\s*(?:[-*•]\s*)?(?:option\s+|choice\s+)?\(?(?-i:(?P<letter>[A-J]))(?:[.):]|\s*-)(?:\s|$)",
+                         re.I)
+
 
 def _to_letter(text: str) -> str | None:
     m = re.match(r"^\s*(?:option\s+)?\(?([A-Ja-j])\)?\s*[.:)]?\s*$", text)
     return m.group(1).upper() if m else None
 
 
-def _choice_answer(text: str, options: list[str] | None) -> str | None:
+def _segment_choice(segment: str, options: list[str] | None) -> str | None:
+    """The letter one committing segment names ("B", "(B).", "option B", "C is correct", \\boxed{D},
+    an option's text); "" for a letter that is not among the options; None when it names none."""
     allowed = LETTERS[: len(options)] if options else LETTERS
-    sentences = _sentences(text)
-    # the latest commitment first: markers, then "Answer:" lines, then conclusions and the final sentence
-    segments = _strong_segments(text) + [m.group("rest") for m in ANSWER_LABEL.finditer(text)][::-1]
-    segments += [s for s in sentences if CONCLUSION.match(s)][::-1] + sentences[-1:]
+    boxed = BOXED.search(segment)
+    if boxed and boxed.start() < 3:
+        segment = boxed.group("rest")
+    segment = FILLER.sub("", segment)
+    m = LETTER_FIRST.match(segment) or LETTER_NAMED.search(segment) or LETTER_IS_CORRECT.search(segment)
+    if m:
+        return m.group("letter") if m.group("letter") in allowed else ""
+    return _option_named(segment, options) if options else None
+
+
+def _letter_in(segments: list[str], options: list[str] | None) -> str | None:
+    """The letter of the first segment that names one (segments come latest commitment first)."""
     for segment in segments:
-        m = LETTER_FIRST.match(segment) or LETTER_NAMED.search(segment) or LETTER_IS_CORRECT.search(segment)
-        if m:
-            return m.group("letter") if m.group("letter") in allowed else None
-        if options:
-            letter = _option_named(segment, options)
-            if letter:
-                return letter
+        letter = _segment_choice(segment, options)
+        if letter is not None:
+            return letter or None
     return None
+
+
+LISTED_OPTION = re.compile(r"^\s*(?:[-*•]\s*)?(?:.{0,40}?\b(?:answer|option|choice)\s+(?:is|would\s+be)\s*:?\s*)?"
+                           r"(?:option\s+|choice\s+)?\(?(?-i:(?P<letter>[A-J]))(?:[.):]|\s+-)(?:\s|$)", re.I)
+
+
+def _without_restated_lists(text: str) -> str:
+    """The text less its runs of option lines in letter order ("A. ...\nB. ...\nC. ..."), even when the
+    first is glued to a marker ("The answer is A. <A's text>\nB. <B's text>"): restating the options
+    commits to none of them."""
+    lines = text.split("\n")
+    keep = [True] * len(lines)
+    items = [(i, m.group("letter")) for i, m in ((i, LISTED_OPTION.match(line)) for i, line in enumerate(lines)) if m]
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    following = {a: b for a, b in zip(filled, filled[1:])}
+    letter_at = dict(items)
+    for i, letter in items:
+        j = following.get(i)
+        if j is not None and letter_at.get(j) == LETTERS[(LETTERS.index(letter) + 1) % len(LETTERS)]:
+            keep[i] = keep[j] = False
+    return "\n".join(line for line, kept in zip(lines, keep) if kept)
+
+
+def _marked_segments(text: str) -> list[str]:
+    """What follows each marker and "Answer:" label, the latest first."""
+    return _strong_segments(text) + [m.group("rest") for m in ANSWER_LABEL.finditer(text)][::-1]
+
+
+def _conflicting_letters(segments: list[str], options: list[str] | None) -> bool:
+    """Markers that name different letters: a text that runs through "The correct answer is A. ... B.
+    ... C." commits to none of them."""
+    return len({letter for letter in (_segment_choice(s, options) for s in segments) if letter}) > 1
+
+
+def _choice_answer(text: str, options: list[str] | None) -> str | None:
+    if _conflicting_letters(_marked_segments(text), options):
+        return None
+    text = _without_restated_lists(text)
+    marked = _marked_segments(text)
+    # lines that restate or go through the options one by one ("A. ...\nB. ...\nC. ...") commit to none
+    listed = {m.group("letter") for m in map(OPTION_LINE.match, text.split("\n")) if m}
+    lines = text.split("\n")
+    if len(listed) >= 2:
+        lines = [line for line in lines if not OPTION_LINE.match(line)]
+    sentences = _sentences("\n".join(lines))
+    segments = marked + [s for s in sentences if CONCLUSION.match(s)][::-1] + sentences[-1:]
+    return _letter_in(segments, options)
 
 
 def _option_named(segment: str, options: list[str]) -> str | None:
@@ -559,4 +792,4 @@ def _is_strict(text: str, answer: str, kind: str, options: list[str] | None) -> 
         return _value_of(value, text) == answer
     if kind == "bool":
         return _verdict(value) == answer
-    return _to_letter(value) == answer or (options is not None and _option_named(value, options) == answer)
+    return _segment_choice(value, options) == answer

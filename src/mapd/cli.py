@@ -7,9 +7,11 @@ import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NoReturn
 
+from mapd import log
 from mapd.errors import MapdError
-from mapd.io import folder_lock
+from mapd.io import check_folder, folder_lock
 
 
 def _config(path: str | None):
@@ -27,6 +29,18 @@ def _task_config(args: argparse.Namespace):
     return TaskConfig(**fields)
 
 
+def _check_committee(config, path: str) -> None:
+    """The committee's checks (mapd.stages.review.check_committee), their errors naming the config file."""
+    from mapd.stages.review import check_committee
+
+    if not config.teachers:
+        raise MapdError(f"{path}: teachers: the committee needs at least one teacher")
+    try:
+        check_committee([teacher.name for teacher in config.teachers], config.review)
+    except MapdError as exc:
+        raise MapdError(f"{path}: review.enabled: {exc}") from None
+
+
 def _stage(run, folder, config, **extra) -> None:
     """Call a stage wrapper with the config fields it names (as ``mapd run`` does)."""
     from mapd.runner import stage_sections
@@ -39,28 +53,37 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mapd.evaluate import evaluate_model
     from mapd.layout import EvalLayout
 
-    evaluate_model(EvalLayout(Path(args.out)), model=args.model, task=_task_config(args), split=args.split,
+    out = EvalLayout(Path(args.out))
+    check_folder(out.dir, [out.predictions, out.metrics])  # before the model loads, not after it answered
+    evaluate_model(out, model=args.model, task=_task_config(args), split=args.split,
                    limit=args.limit, prompts=PromptConfig(), batch_size=args.batch_size,
                    max_new_tokens=args.max_new_tokens)
+
+
+# The stage commands below check their folder first (a file there, or another command writing it, is
+# refused before anything is read), then the stage reads and checks every input, and only then takes
+# the folder's lock (creating the folder) to work and write: bad input leaves nothing behind.
 
 
 def cmd_mine(args: argparse.Namespace) -> None:
     from mapd.layout import RoundLayout
     from mapd.stages.mine import run_mine
 
+    check_folder(args.out)
     config = _config(args.config)
-    with folder_lock(args.out):
-        _stage(run_mine, RoundLayout(Path(args.out)), config)
+    _stage(run_mine, RoundLayout(Path(args.out)), config, lock=True)
 
 
 def cmd_teach(args: argparse.Namespace) -> None:
     from mapd.layout import RoundLayout
     from mapd.stages.teach import run_teach
 
+    if not args.dry_run:  # a dry run writes nothing, not even the folder
+        check_folder(args.out)
     config = _config(args.config)
+    _check_committee(config, args.config)
     folder = RoundLayout(Path(args.out), mistakes_file=Path(args.mistakes))
-    with nullcontext() if args.dry_run else folder_lock(args.out):  # a dry run writes nothing
-        _stage(run_teach, folder, config, dry_run=args.dry_run)
+    _stage(run_teach, folder, config, dry_run=args.dry_run, lock=True)
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -69,27 +92,39 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     if not Path(args.run).is_dir():
         raise MapdError(f"--run {args.run}: no such folder")
+    check_folder(args.run)
     config = _config(args.config)
     build = config.build.model_copy(update={"mode": args.mode}) if args.mode else config.build
     task = config.task if args.config else None  # None: the answer kind is inferred from the golds
-    with folder_lock(args.run):
-        run_build(RoundLayout(Path(args.run)), task=task, build=build, prompts=config.prompts)
+    run_build(RoundLayout(Path(args.run)), task=task, build=build, prompts=config.prompts, lock=True)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mapd.train import train_model
+    from pydantic import ValidationError
 
+    from mapd.config import TrainConfig
+    from mapd.models import resolve_model
+    from mapd.train import load_pairs, train_model
+
+    # under `accelerate launch` every process runs this command on the same folder: no lock there
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:
+        check_folder(args.out)
     config = _config(args.config)
     overrides = {k: v for k, v in {"alpha": args.alpha, "max_steps": args.max_steps}.items() if v is not None}
     if args.lora:
         overrides["lora"] = True
-    train_config = config.train.model_copy(update=overrides)
+    try:
+        train_config = TrainConfig.model_validate({**config.train.model_dump(), **overrides})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise MapdError(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
+    model = args.model or config.student.model
     gguf_file = args.gguf_file if args.model else config.student.gguf_file
-    # under `accelerate launch` every process runs this command on the same folder: no lock there
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    load_pairs(Path(args.data), train_config.alpha)  # a bad line or a missing file fails before the folder is made
+    resolve_model(model, gguf_file)  # and so does a mistyped model path
     with nullcontext() if distributed else folder_lock(args.out):
-        train_model(train_config, model=args.model or config.student.model, data=Path(args.data),
-                    out_dir=Path(args.out), gguf_file=gguf_file)
+        train_model(train_config, model=model, data=Path(args.data), out_dir=Path(args.out), gguf_file=gguf_file)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -102,15 +137,15 @@ def cmd_import_reference(args: argparse.Namespace) -> None:
     from mapd.import_reference import import_reference
     from mapd.layout import RoundLayout
 
-    with folder_lock(args.out):
-        import_reference(args.task, Path(args.mistakes), args.feedback and Path(args.feedback),
-                         args.rationale and Path(args.rationale), RoundLayout(Path(args.out)))
+    check_folder(args.out)
+    import_reference(args.task, Path(args.mistakes), args.feedback and Path(args.feedback),
+                     args.rationale and Path(args.rationale), RoundLayout(Path(args.out)), lock=True)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     from mapd.runner import run
 
-    run(args.config, out=args.out and Path(args.out))
+    run(args.config, out=args.out and Path(args.out), start=args.start)
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -119,9 +154,33 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(default_config_yaml(embedded_default_config()), end="")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``mapd: error:`` line (exit 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("mapd").strip()  # "eval" for `mapd eval`, "" for `mapd` itself
+        self.exit(2, f"mapd: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
+
+
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subcommand per stage."""
-    parser = argparse.ArgumentParser(prog="mapd", description="Mistake-aware peer-review distillation.")
+    parser = _Parser(prog="mapd", description="Mistake-aware peer-review distillation.")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
+                          help="Print errors only (the folder's mapd.log still gets everything).")
+    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                          help="Print every call's progress too.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="Score a model on a task's split; write predictions.jsonl.")
@@ -130,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="Local folder of <split>.jsonl files (default: the hub).")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, help="Only the first N questions.")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=_at_least_one, default=16)
+    p.add_argument("--max-new-tokens", type=_at_least_one, default=512)
     p.add_argument("--out", default="eval-out", help="Output folder for predictions.jsonl and metrics.json.")
     p.set_defaults(func=cmd_eval)
 
@@ -167,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="Every stage in order, resuming what is done.")
     p.add_argument("config", nargs="?", help="YAML config (default: the offline embedded demo).")
     p.add_argument("--out", help="Run folder (default: runs/<config name>).")
+    p.add_argument("--from", dest="start", metavar="STAGE",
+                   help="Redo round 0's STAGE (eval_before, mine, teach, build, train or eval_after) and every stage "
+                   "after it, in every round; their outputs are moved to <run folder>/superseded/<UTC time>/ first.")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="Write report.html and report.md for a run folder.")
@@ -187,13 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: a MapdError becomes one line on stderr and exit code 2."""
-    args = build_parser().parse_args(argv)
+    """Entry point: a MapdError becomes one line on stderr and its exit code (mapd.errors)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error already printed as one line (2)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    log.setup(args.verbosity)
     try:
         args.func(args)
     except MapdError as exc:
         print(f"mapd: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("mapd: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130

@@ -7,6 +7,8 @@ defaults with their help text.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 import re
 from typing import Annotated, Any, Literal
@@ -99,7 +101,7 @@ class TeacherConfig(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling top-p.")
     max_tokens: int = Field(512, ge=1, description="Maximum new tokens per reply (the paper: 512).")
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
-        "max_tokens",
+        "max_tokens", json_schema_extra=OPERATIONAL,
         description="Request field that carries max_tokens: OpenAI's reasoning models (o-series, gpt-5) "
         "accept only max_completion_tokens.",
     )
@@ -116,7 +118,11 @@ class TeacherConfig(BaseModel):
     max_consecutive_failures: int = Field(
         12, ge=1, json_schema_extra=OPERATIONAL,
         description="Circuit breaker: stop this teacher after this many failed attempts in a row (connection "
-        "errors, timeouts, 5xx; 429s excepted), e.g. an endpoint that is down.",
+        "errors, timeouts, 5xx; 429s excepted) spanning at least failing_for_s, e.g. an endpoint that is down.",
+    )
+    failing_for_s: float = Field(
+        30, ge=0, json_schema_extra=OPERATIONAL,
+        description="Circuit breaker: the failed attempts in a row must span this many seconds with no reply.",
     )
     price_input_per_mtok: float = Field(0.0, ge=0, json_schema_extra=OPERATIONAL,
                                         description="USD per million prompt tokens, for cost reports.")
@@ -196,7 +202,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm.")
     bf16: bool | None = Field(None, description="bf16 mixed precision; default: on where the GPU supports it.")
-    seed: int = Field(731, description="Training seed.")
+    seed: int = Field(731, ge=0, lt=2**32, description="Training seed (numpy takes 0 to 2**32 - 1).")
     lora: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
@@ -238,8 +244,9 @@ class StudentConfig(BaseModel):
         0.0, ge=0, le=2, description="Mining temperature; 0 is greedy (the paper samples at 0.3, top-p 0.9)."
     )
     top_p: float = Field(0.9, gt=0, le=1, description="Mining top-p when sampling.")
-    batch_size: int = Field(16, ge=1, description="Prompts generated together (mining and evaluation).")
-    seed: int = Field(731, description="Seed of the mining samples when temperature > 0.")
+    batch_size: int = Field(16, ge=1, json_schema_extra=OPERATIONAL,
+                            description="Prompts generated together (mining and evaluation).")
+    seed: int = Field(731, ge=0, lt=2**32, description="Seed of the mining samples when temperature > 0.")
 
     model_config = {"extra": "forbid"}
 
@@ -301,27 +308,151 @@ def _field_path(location: tuple) -> str:
     return ".".join(str(part) for part in location) or "(top level)"
 
 
-def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a config mapping; errors name the source and every bad field."""
+def parse_config(data: dict[str, Any], source: str = "config",
+                 line_of: Callable[[tuple], int | None] | None = None) -> RunConfig:
+    """Validate a config mapping; errors name the source and every bad field (and its line, when
+    ``line_of`` maps a field's location to one)."""
     try:
-        return RunConfig.model_validate(data or {})
+        config = RunConfig.model_validate(data or {})
     except ValidationError as exc:
-        problems = "; ".join(f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise MapdError(f"{source}: {problems}") from None
+        problems = []
+        for error in exc.errors():
+            line = line_of(error["loc"]) if line_of else None
+            problems.append(f"{_field_path(error['loc'])}: {error['msg']}" + (f" (line {line})" if line else ""))
+        raise MapdError(f"{source}: {'; '.join(problems)}") from None
+    _check_meaning(config, source, line_of or (lambda location: None))
+    return config
+
+
+def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], int | None]) -> None:
+    """What the field types cannot say: the task exists (and a jsonl task has a path), and every base_url
+    is an http(s) URL with a host (one without a scheme would fail every call). Errors name the file,
+    line and field; a base_url is never shown (it may hold credentials)."""
+    from urllib.parse import urlsplit
+
+    from mapd.tasks import get_task
+
+    def at(location: tuple) -> str:
+        line = line_of(location)
+        return f"{source}:{line}" if line else source
+
+    try:
+        get_task(config.task)
+    except MapdError as exc:
+        raise MapdError(f"{at(('task', 'name'))}: {exc}") from None
+    for index, teacher in enumerate(config.teachers):
+        if teacher.base_url is not None:
+            parts = urlsplit(teacher.base_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise MapdError(f"{at(('teachers', index, 'base_url'))}: teachers.{index}.base_url: expected an "
+                                "http:// or https:// URL with a host, e.g. https://api.openai.com/v1 (value not shown)")
+
+
+MAX_CONFIG_VALUES = 100_000  # YAML aliases can make a short file expand to billions of values
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML itself keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"field '{key.value}' appears twice (also on line {seen[key.value]})",
+                            key.start_mark)
+                    seen[key.value] = key.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _line_finder(root: yaml.Node | None) -> Callable[[tuple], int | None]:
+    """Maps a field's location (``("teachers", 0, "model")``) to the line of the deepest part of it
+    that the file holds (a missing field: its section's line)."""
+
+    def line_of(location: tuple) -> int | None:
+        node, line = root, None
+        for part in location:
+            if isinstance(node, yaml.MappingNode):
+                match = next(((k, v) for k, v in node.value
+                              if isinstance(k, yaml.ScalarNode) and k.value == str(part)), None)
+                if match is None:
+                    break
+                line, node = match[0].start_mark.line + 1, match[1]
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                node = node.value[part]
+                line = node.start_mark.line + 1
+            else:
+                break
+        if line is None and root is not None:
+            line = root.start_mark.line + 1
+        return line
+
+    return line_of
+
+
+def _check_size(data: Any, path: Path, line_of: Callable[[tuple], int | None]) -> None:
+    """Refuse a config that refers to itself or expands past MAX_CONFIG_VALUES (YAML aliases), a .nan, and
+    text holding a lone surrogate escape (it reads, but no file or request can carry it)."""
+    from mapd.io import lone_surrogate
+
+    count, stack = 0, [((), data, frozenset())]
+    while stack:
+        location, item, above = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise MapdError(f"{path}: the config expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?)")
+        if isinstance(item, float) and math.isnan(item):  # .nan compares false with everything: thresholds never pass
+            raise MapdError(f"{path}:{line_of(location)}: field '{_field_path(location)}': .nan is not a number")
+        if isinstance(item, (dict, list)):
+            if id(item) in above:
+                raise MapdError(f"{path}:{line_of(location)}: field '{_field_path(location)}' contains itself "
+                                "(a YAML alias inside its own anchor)")
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend(((*location, key), child, above | {id(item)}) for key, child in children)
+    field = lone_surrogate(data)
+    if field is not None:
+        location = tuple(int(p) if p.isdigit() else p for p in field.split("."))
+        raise MapdError(f"{path}:{line_of(location)}: field '{field}': a lone surrogate escape "
+                        "(\\ud800-\\udfff) is not text")
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML config file."""
+    """Read and validate a YAML config file; every error is one MapdError naming the file, and the line
+    and field where there is one."""
+    from mapd.io import read_text
+
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise MapdError(f"{path}: is a folder, expected a YAML config file")
     if not path.is_file():
         raise MapdError(f"{path}: config file not found")
+    text = read_text(path)
+    loader = _StrictLoader(text)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise MapdError(f"{where}: not valid YAML ({exc.problem or exc.context})") from None
     except yaml.YAMLError as exc:
         raise MapdError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise MapdError(f"{path}: not valid YAML (nested too deeply to read)") from None
+    except ValueError as exc:  # an integer past Python's int-digits limit
+        long = re.search(r"\d{4000,}", text)
+        where = f"{path}:{text.count(chr(10), 0, long.start()) + 1}" if long else str(path)
+        raise MapdError(f"{where}: a number too long to read ({str(exc).split(':')[0]})") from None
+    finally:
+        loader.dispose()
     if data is not None and not isinstance(data, dict):
-        raise MapdError(f"{path}: expected a mapping of config sections at the top level")
-    return parse_config(data or {}, str(path))
+        raise MapdError(f"{path}: expected a mapping of config sections at the top level, got "
+                        f"{type(data).__name__}")
+    line_of = _line_finder(root)
+    _check_size(data, path, line_of)
+    return parse_config(data or {}, str(path), line_of)
 
 
 def embedded_default_config() -> RunConfig:
@@ -368,3 +499,79 @@ def _documented_lines(model: BaseModel, indent: str = "", comments: bool = True)
 def default_config_yaml(config: RunConfig) -> str:
     """``config`` as YAML with every field's help text as a comment above it."""
     return "\n".join(_documented_lines(config)) + "\n"
+
+
+# -- resume: which config fields determine results (docs/reliability.md#resume-after-a-config-change) --------
+
+
+def _is_operational(info: Any) -> bool:
+    extra = info.json_schema_extra if info is not None else None
+    return isinstance(extra, dict) and bool(extra.get("operational"))
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section class inside a field's annotation (``TaskConfig``, ``list[TeacherConfig]``, ``X | None``)."""
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        found = _section_model(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def result_fields(data: Any, model: type[BaseModel] | None = RunConfig) -> Any:
+    """A dumped config (or section, or list of sections) without its operational fields, at every depth:
+    what is left determines results. A list item (a teacher) stays in its position."""
+    if isinstance(data, list):
+        return [result_fields(item, model) for item in data]
+    if not isinstance(data, dict) or model is None:
+        return data
+    kept = {}
+    for key, value in data.items():
+        info = model.model_fields.get(key)
+        if _is_operational(info):
+            continue
+        kept[key] = result_fields(value, _section_model(info.annotation) if info is not None else None)
+    return kept
+
+
+_ABSENT = object()
+
+
+def config_changes(old: Any, new: Any, model: type[BaseModel] | None = RunConfig,
+                   prefix: str = "") -> list[tuple[str, bool]]:
+    """``(dotted path, operational)`` for every field that differs between two dumped configs, e.g.
+    ``("teachers.1.temperature", False)``, ``("max_budget_usd", True)``. Lists of sections are compared by
+    position: an added or removed teacher is ``teachers.2`` (never operational); plain dicts by key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        order = list(model.model_fields) if model is not None else []
+        keys = [k for k in order if k in old or k in new] + sorted(
+            (k for k in {*old, *new} if k not in order), key=str)
+        changes: list[tuple[str, bool]] = []
+        for key in keys:
+            a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+            if a == b:
+                continue
+            info = model.model_fields.get(key) if model is not None else None
+            path = f"{prefix}{key}"
+            if _is_operational(info):
+                changes.append((path, True))
+            elif a is _ABSENT or b is _ABSENT:
+                changes.append((path, False))
+            else:
+                sub = _section_model(info.annotation) if info is not None else None
+                changes.extend(config_changes(a, b, sub, f"{path}."))
+        return changes
+    if isinstance(old, list) and isinstance(new, list) and model is not None:
+        changes = []
+        for index in range(max(len(old), len(new))):
+            path = f"{prefix}{index}"
+            if index >= len(old) or index >= len(new):
+                changes.append((path, False))
+            elif old[index] != new[index]:
+                changes.extend(config_changes(old[index], new[index], model, f"{path}."))
+        return changes
+    return [] if old == new else [(prefix.removesuffix(".") or "(top level)", False)]

@@ -1,4 +1,9 @@
-"""The one exception type the CLI turns into a single clear line (no traceback)."""
+"""The exceptions the CLI turns into one clear line (no traceback), and their exit codes.
+
+Exit codes (docs/reliability.md#exit-codes): 0 done; 2 bad input or config (nothing was changed);
+3 a stage ended incomplete (calls failed or were not made: every record it has is written, and a
+rerun makes only the missing calls); 130 interrupted.
+"""
 
 
 class MapdError(Exception):
@@ -7,3 +12,15 @@ class MapdError(Exception):
     The message names the file, line or field at fault. The CLI prints it as one
     line and exits non-zero; nothing already computed is deleted.
     """
+
+    exit_code = 2
+
+
+class IncompleteStage(MapdError):
+    """A stage finished with calls that failed or were not made (the budget, a stopped teacher).
+
+    Its records are written (failed calls as records with an error); rerunning the same command
+    makes only the calls still missing.
+    """
+
+    exit_code = 3

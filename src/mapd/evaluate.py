@@ -5,6 +5,7 @@ Mining the student's mistakes is the same thing on the train split (see mapd.sta
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from mapd.layout import EvalLayout, RoundLayout
 from mapd.prompts import answer_messages
 from mapd.records import Metrics, Prediction, write_document, write_records
 from mapd.tasks import Example, get_task
+
+log = logging.getLogger("mapd.evaluate")
+CUT_OFF_WARNING = 0.05  # the share of outputs stopped at the token limit above which mapd says so
 
 
 def evaluate(
@@ -43,23 +47,26 @@ def evaluate(
         )
     predictions = []
     for example, output in zip(examples, outputs, strict=True):  # generate answers in input order
-        extraction = extract(output.text, answer_kind, example.options)
+        cut_off = output.finish_reason == "length"
+        extraction = extract(output.text, answer_kind, example.options, complete=not cut_off)
         predictions.append(Prediction(
             id=example.id, question=example.question, output=output.text, answer=extraction.answer,
-            # a text cut off before it committed ("truncated") has no answer: "unparsed" (docs/formats.md)
-            status="ok" if extraction.answer is not None else "unparsed", strict=extraction.strict, gold=example.gold,
+            status=extraction.status, cut_off=cut_off, strict=extraction.strict, gold=example.gold,
             correct=is_correct(extraction.answer, example.gold, answer_kind),
         ))
     return predictions
 
 
 def metrics(predictions: list[Prediction], *, task: str, split: str, model: str, seconds: float) -> Metrics:
-    """Accuracy, strict_accuracy (correct in the strict answer format) and unparsed_rate of ``predictions``."""
+    """Accuracy, strict_accuracy (correct in the strict answer format), unparsed_rate (no answer),
+    cut_off_rate (stopped at the token limit) and truncated_rate (cut off before any answer)."""
     n = len(predictions)
     counts = {
         "accuracy": sum(p.correct for p in predictions),
         "strict_accuracy": sum(p.correct and p.strict for p in predictions),
-        "unparsed_rate": sum(p.status == "unparsed" for p in predictions),
+        "unparsed_rate": sum(p.status != "ok" for p in predictions),
+        "cut_off_rate": sum(bool(p.cut_off) for p in predictions),
+        "truncated_rate": sum(p.status == "truncated" for p in predictions),
     }
     return Metrics(task=task, split=split, model=model, n=n, seconds=round(seconds, 2),
                    **{name: count / n if n else 0.0 for name, count in counts.items()})
@@ -109,8 +116,20 @@ def evaluate_model(
     write_records(out.predictions, predictions)
     write_document(out.metrics, result)
     print(f"{task.name}/{split}: accuracy {result.accuracy:.1%} (strict {result.strict_accuracy:.1%}, "
-          f"unparsed {result.unparsed_rate:.1%}) on {result.n} questions in {seconds:.0f} s -> {out.dir}")
+          f"unparsed {result.unparsed_rate:.1%}, cut off {result.cut_off_rate:.1%}) on {result.n} questions in "
+          f"{seconds:.0f} s -> {out.dir}")
+    warn_if_cut_off(predictions, max_new_tokens)
     return result
+
+
+def warn_if_cut_off(predictions: list[Prediction], max_new_tokens: int) -> None:
+    """Say so when more than CUT_OFF_WARNING of the outputs stopped at the token limit (it is too low)."""
+    cut = sum(bool(p.cut_off) for p in predictions)
+    if predictions and cut / len(predictions) > CUT_OFF_WARNING:
+        truncated = sum(p.status == "truncated" for p in predictions)
+        log.warning("%d of %d outputs (%.0f %%) stopped at max_new_tokens=%d, %d of them before committing to an "
+                    "answer: raise the token limit (student.max_new_tokens, mapd eval --max-new-tokens)",
+                    cut, len(predictions), 100 * cut / len(predictions), max_new_tokens, truncated)
 
 
 def _evaluate_student(out: EvalLayout, model: str, gguf_file: str | None, task: TaskConfig, student: StudentConfig,

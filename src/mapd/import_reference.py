@@ -8,17 +8,18 @@ committee is gpt, gemini and mistral; acceptance is recomputed here with mapd's 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from mapd.config import ReviewConfig, TaskConfig
 from mapd.errors import MapdError
-from mapd.io import read_json
+from mapd.io import check_folder, folder_lock, read_json
 from mapd.layout import RoundLayout
 from mapd.records import Feedback, Mistake, Rationale, Review, write_records
 from mapd.stages.review import judged
 from mapd.tasks import get_task
-from mapd.tasks.base import CHOICE_LETTERS, bool_text, format_options
+from mapd.tasks.base import CHOICE_LETTERS, KIND_NAMES, NUMBER_TEXT, bool_text, format_options, gold_problem, number_text
 
 TASKS = ("svamp", "strategyqa", "gsm8k", "logiqa")
 # The reference's committee, and the reviewers behind the two recorded scores of each one's rationale.
@@ -54,8 +55,9 @@ def _choice(value: str, options: list, where: str, key: str) -> str:
     return CHOICE_LETTERS[int(value)]
 
 
-def _mistake(task: str, record: dict, where: str) -> Mistake:
-    """One record of a reference "false" file as a mistakes.jsonl record."""
+def _mistake(task: str, record: dict, where: str, answer_kind: str) -> Mistake:
+    """One record of a reference "false" file as a mistakes.jsonl record; a gold that is not of the task's
+    answer kind (StrategyQA's true/false under svamp) is a MapdError naming file, record and field."""
     gold = _field(record, "gold_answer", where).strip()
     student = _field(record, "student_wrong_final_answer", where).strip()
     question = _field(record, "question", where).strip()
@@ -70,6 +72,14 @@ def _mistake(task: str, record: dict, where: str) -> Mistake:
         options = [str(option).strip() for option in _field(record, "options", where, (list,))]
         question = format_options(f"{_field(record, 'context', where).strip()}\n{question}", options)
         gold = _choice(gold, options, where, "gold_answer")
+    if answer_kind == "number" and NUMBER_TEXT.fullmatch(gold.replace(",", "")):
+        gold = number_text(gold, where)  # "1,052.50" -> "1052.50"
+    problem = gold_problem(gold, answer_kind)
+    if problem is not None:
+        raise MapdError(f"{where}: field 'gold_answer': {problem} (task {task} has answers that are "
+                        f"{KIND_NAMES[answer_kind]})")
+    if not question:
+        raise MapdError(f"{where}: field 'question': blank")
     if student.lower() == NO_ANSWER:
         answer = None
     elif task == "strategyqa":
@@ -130,18 +140,21 @@ def _rationales(path: Path, golds: dict[str, str], answer_kind: str) -> list[Rat
 
 
 def import_reference(task: str, mistakes: Path, feedback: Path | None, rationale: Path | None,
-                     out: RoundLayout) -> dict:
+                     out: RoundLayout, *, lock: bool = False) -> dict:
     """Write the round's ``mistakes.jsonl`` (and ``feedback.jsonl``, ``rationales.jsonl`` when given);
-    return the record counts."""
+    return the record counts. Everything is converted and checked before anything is made; then ``lock``
+    (``mapd import-reference``) holds the folder's lock while it writes."""
     if task not in TASKS:
         raise MapdError(f"--task: the reference data covers {', '.join(TASKS)}, not '{task}'")
     answer_kind = get_task(TaskConfig(name=task)).answer_kind
     mistake_records, known = [], set()
     for index, record in enumerate(_load(mistakes)):
-        mistake_records.append(_mistake(task, record, f"{mistakes}: record {index}"))
+        mistake_records.append(_mistake(task, record, f"{mistakes}: record {index}", answer_kind))
         if mistake_records[-1].id in known:
             raise MapdError(f"{mistakes}: record {index}: field 'id' repeats {mistake_records[-1].id!r}")
         known.add(mistake_records[-1].id)
+    if not mistake_records:
+        raise MapdError(f"{mistakes}: no mistakes (the list is empty)")
     # everything is converted (and checked) before anything is written
     artifacts: dict[str, tuple[Path, list]] = {"mistakes": (out.mistakes, mistake_records)}
     if feedback is not None:
@@ -149,8 +162,10 @@ def import_reference(task: str, mistakes: Path, feedback: Path | None, rationale
     if rationale is not None:
         golds = {mistake.id: mistake.gold for mistake in mistake_records}
         artifacts["rationales"] = (out.rationales, _rationales(rationale, golds, answer_kind))
-    for path, records in artifacts.values():
-        write_records(path, records)
+    check_folder(out.dir, [path for path, _ in artifacts.values()])
+    with folder_lock(out.dir) if lock else nullcontext():
+        for path, records in artifacts.values():
+            write_records(path, records)
     counts = {name: len(records) for name, (_, records) in artifacts.items()}
     if rationale is not None:
         counts["accepted"] = sum(record.accepted for record in artifacts["rationales"][1])

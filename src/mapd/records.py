@@ -41,7 +41,10 @@ class Mistake(Record):
     gold: Text = Field(description="Canonical gold answer: a number, true/false, or an option letter.")
     output: Text = Field(description="The student's whole answer text.")
     answer: Text | None = Field(None, description="The answer extracted from output, null when none.")
-    status: Literal["wrong", "unparsed"] = Field("wrong", description="wrong: an answer was extracted; unparsed: none.")
+    status: Literal["wrong", "unparsed", "truncated"] = Field(
+        "wrong", description="wrong: an answer was extracted; unparsed: none; truncated: cut off before committing.")
+    cut_off: StrictBool | None = Field(
+        None, description="The text stopped at its token limit (finish_reason length); null when unknown.")
 
 
 class Feedback(Record):
@@ -51,6 +54,8 @@ class Feedback(Record):
     teacher: Text = Field(description="The teacher that wrote it.")
     text: Text | None = Field(description="The feedback; null exactly when the call failed.")
     error: Text | None = Field(None, description="Why the call failed, null on success.")
+    cut_off: StrictBool | None = Field(
+        None, description="The text stopped at its token limit (finish_reason length); null when unknown.")
 
 
 class Review(Record):
@@ -70,6 +75,8 @@ class Rationale(Record):
     text: Text | None = Field(description="The rationale; null exactly when the call failed.")
     error: Text | None = Field(None, description="Why the call failed, null on success.")
     answer: Text | None = Field(None, description="The rationale's own extracted final answer.")
+    cut_off: StrictBool | None = Field(
+        None, description="The text stopped at its token limit (finish_reason length); null when unknown.")
     reviews: list[Review] = Field(default_factory=list, description="One per reviewer, in committee order.")
     mean_score: float | None = Field(None, description="Aggregate of the valid scores; null when none.")
     accepted: StrictBool = Field(description="Whether peer review accepted it (a JSON boolean).")
@@ -98,7 +105,10 @@ class Prediction(Record):
     question: Text = Field(description="The question as the student saw it.")
     output: Text = Field(description="The student's whole answer text.")
     answer: Text | None = Field(description="The extracted final answer, null when none.")
-    status: Literal["ok", "unparsed"] = Field(description="ok: an answer was extracted; unparsed: none.")
+    status: Literal["ok", "unparsed", "truncated"] = Field(
+        description="ok: an answer was extracted; unparsed: none; truncated: cut off before committing to one.")
+    cut_off: StrictBool | None = Field(
+        None, description="The text stopped at its token limit (finish_reason length); null when unknown.")
     strict: StrictBool = Field(description="The text ends with the requested 'The answer is X.'.")
     gold: Text = Field(description="Canonical gold answer.")
     correct: StrictBool = Field(description="answer equals gold.")
@@ -113,7 +123,10 @@ class Metrics(Record):
     n: int = Field(ge=0, description="Questions answered.")
     accuracy: float = Field(ge=0, le=1, description="Fraction correct.")
     strict_accuracy: float = Field(ge=0, le=1, description="Fraction correct and in the strict answer format.")
-    unparsed_rate: float = Field(ge=0, le=1, description="Fraction with no extractable answer.")
+    unparsed_rate: float = Field(ge=0, le=1, description="Fraction with no extractable answer (truncated included).")
+    cut_off_rate: float | None = Field(None, ge=0, le=1, description="Fraction stopped at max_new_tokens.")
+    truncated_rate: float | None = Field(
+        None, ge=0, le=1, description="Fraction cut off before committing to an answer (status truncated).")
     seconds: float = Field(ge=0, description="Time spent answering, model loading excluded.")
 
 
@@ -127,6 +140,10 @@ class TeacherStats(Record):
     output_tokens: int = Field(ge=0, description="Completion tokens of the made calls.")
     cost_usd: float = Field(ge=0, description="Cost of the made calls at the teacher's prices.")
     seconds: float = Field(ge=0, description="Wall time the teacher had calls running.")
+    not_made: int = Field(0, ge=0, description="Calls not made: the budget was reached or the teacher was stopped.")
+    usage_estimated: int = Field(
+        0, ge=0, description="Made calls whose token counts were estimated from the text (usage missing or unbelievable).")
+    stopped: Text | None = Field(None, description="Why the teacher was stopped, if it was (redacted).")
     latency_p50_s: float | None = Field(description="Median latency per made call, retries included; null when none.")
     latency_p95_s: float | None = Field(description="95th percentile latency; null when none.")
 

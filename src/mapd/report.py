@@ -17,6 +17,7 @@ import base64
 import html
 import io
 import math
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from matplotlib.figure import Figure
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from mapd.errors import MapdError
 from mapd.io import read_json, write_text_atomic
@@ -41,6 +42,7 @@ from mapd.records import (
     TeachStats,
     TrainingPair,
     TrainLogLine,
+    parse_record,
     read_document,
     read_records,
 )
@@ -599,12 +601,73 @@ def _cards(rounds: list[Round], manifest: dict | None) -> list[tuple[str, str]]:
     return cards
 
 
+class _Lenient(BaseModel):
+    """A part of manifest.json as the report reads it: the fields it shows must have their types, any other
+    field is kept as it is (a manifest of valid JSON but the wrong shape is one error naming the field)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _TaskView(_Lenient):
+    name: str | None = None
+
+
+class _TeacherView(_Lenient):
+    name: str | None = None
+    model: str | None = None
+
+
+class _BuildView(_Lenient):
+    mode: str | None = None
+
+
+class _ConfigView(_Lenient):
+    task: _TaskView | None = None
+    student: _TeacherView | None = None
+    teachers: list[_TeacherView] | None = None
+    build: _BuildView | None = None
+    rounds: int | None = None
+
+
+class _StageView(_Lenient):
+    status: str | None = None
+    seconds: float | None = None
+    summary: dict[str, Any] | None = None
+
+
+class _RoundView(_Lenient):
+    round: int | None = None
+    stages: dict[str, _StageView] | None = None
+
+
+class _ManifestView(_Lenient):
+    config: _ConfigView | None = None
+    rounds: list[_RoundView] | None = None
+    versions: dict[str, Any] | None = None
+    seeds: dict[str, Any] | None = None
+    created: str | None = None
+    finished: str | None = None
+
+
+def _manifest(path: Path) -> dict | None:
+    """manifest.json as plain data, its shape checked (a MapdError ``file: field 'x': ...`` otherwise), or
+    None when it is absent."""
+    if not path.is_file():
+        return None
+    data = read_json(path, dict)
+    try:
+        parse_record(_ManifestView, data, str(path))
+    except MapdError as exc:  # pydantic names the view class; the reader needs only the field
+        raise MapdError(re.sub(r" or instance of _\w+", "", str(exc))) from None
+    return data
+
+
 def _sections(run_dir: Path) -> tuple[str, list[tuple[str, str]], list[Section]]:
     """The report's title, header cards and sections for a run folder (shared by the HTML and Markdown writers)."""
     layout = RunLayout(Path(run_dir))
     if not layout.dir.is_dir():
         raise MapdError(f"{layout.dir}: run folder not found")
-    manifest = read_json(layout.manifest, dict) if layout.manifest.is_file() else None
+    manifest = _manifest(layout.manifest)
     round_layouts = layout.rounds()
     single = round_layouts == [RoundLayout(layout.dir)]
     rounds = [_load_round(round_layout) for round_layout in round_layouts]
@@ -621,6 +684,7 @@ def _sections(run_dir: Path) -> tuple[str, list[tuple[str, str]], list[Section]]
     for index, r in enumerate(rounds):
         sections.append(Section(2, f"Round {r.name}" if single else r.name.replace("-", " ").capitalize()))
         questions = _stage_summary(manifest, index, "mine").get("n")
+        questions = questions if isinstance(questions, int) and not isinstance(questions, bool) else None
         sections += [_funnel(r, questions), _teacher_table(r, teachers), _peer_review(r, teachers),
                      _gold_check(r, kind), _training(r), _examples(r), _inventory(r, layout.dir)]
     return f"mapd report — {layout.dir.resolve().name}", _cards(rounds, manifest), sections
@@ -715,5 +779,8 @@ def write_report(run_dir: Path) -> Path:
     """Write ``report.html`` (self-contained) and ``report.md`` into ``run_dir``; return the HTML path."""
     layout = RunLayout(Path(run_dir))
     title, cards, sections = _sections(layout.dir)
+    for path in (layout.report_md, layout.report_html):  # both or neither
+        if path.is_dir():
+            raise MapdError(f"{path}: is a folder, expected a file (the report writes it)")
     write_text_atomic(layout.report_md, _render_markdown(title, cards, sections, layout.report_html.name))
     return write_text_atomic(layout.report_html, _render_html(title, cards, sections))

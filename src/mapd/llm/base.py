@@ -42,7 +42,8 @@ class CallResult:
     """The outcome of one call, carrying the call's key. ``text`` is None exactly when ``error`` says why.
 
     ``finish_reason`` is the endpoint's ("stop", "length": cut off at the token limit), None when
-    unknown. ``dry_run`` marks a stand-in text of the longest possible reply (``--dry-run``).
+    unknown. ``dry_run`` marks a stand-in text of the longest possible reply (``--dry-run``);
+    ``usage_estimated`` token counts estimated from the text (the endpoint's usage was missing or unbelievable).
     """
 
     key: CallKey | None
@@ -55,6 +56,12 @@ class CallResult:
     attempts: int = 1
     finish_reason: str | None = None
     dry_run: bool = False
+    usage_estimated: bool = False
+
+    @property
+    def cut_off(self) -> bool | None:
+        """Whether the reply stopped at its token limit; None when the endpoint did not say."""
+        return None if self.finish_reason is None else self.finish_reason == "length"
 
     def of(self, key: CallKey, **changes) -> "CallResult":
         """This result as the answer to ``key`` (an identical call's reply, or a cache hit)."""

@@ -3,6 +3,10 @@
 The key is a hash of what decides a reply (provider, model, messages, sampling settings,
 sample index), never of the endpoint URL or the key. Only successful replies are hits: a
 recorded failure stays in the file for inspection and is retried by the next run.
+
+Each row keeps what its call cost, so the budget is a total over every run and process that
+shares the file. Processes sharing it claim a call before making it (a lease, renewed while the
+process lives), so two processes never pay for the same call twice; a dead process's claims expire.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 from mapd.config import TeacherConfig
 from mapd.errors import MapdError
@@ -35,6 +40,15 @@ CREATE TABLE IF NOT EXISTS calls (
     created REAL NOT NULL,
     finish_reason TEXT,
     cost_usd REAL
+);
+"""
+# A call being made: by which process, until when (renewed while it lives), with the budget it holds.
+_CLAIMS = """
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires REAL NOT NULL,
+    reserved_usd REAL NOT NULL
 );
 """
 _COLUMNS = "text, error, input_tokens, output_tokens, latency_s, attempts, finish_reason"
@@ -58,14 +72,67 @@ def cache_key(teacher: TeacherConfig, call: Call) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def check_cache_path(path: str | Path) -> Path:
+    """``path`` as a call cache file, checked without creating anything: a folder, a file where a folder
+    should be, or an existing file that is not SQLite is a MapdError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise MapdError(f"{path}: cache_path is a folder; name a file, e.g. {path / 'cache.sqlite'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MapdError(f"{path}: cannot make the call cache there: {parent} is a file")
+            break
+    if path.is_file() and path.stat().st_size:
+        try:
+            with open(path, "rb") as handle:
+                header = handle.read(16)
+        except OSError as exc:
+            raise MapdError(f"{path}: cannot read the call cache ({exc.strerror or exc})") from None
+        if header != b"SQLite format 3\x00":
+            raise MapdError(f"{path}: not a readable mapd call cache (not an SQLite file); move it away or "
+                            "set cache_path")
+        _check_read_only(path)
+    return path
+
+
+def _check_read_only(path: Path) -> None:
+    """CallCache._check_schema's refusals that need no write (another program's SQLite file, another
+    version's cache), made before any folder or lock is: on an immutable read that leaves no -wal or -shm
+    file behind, and only while no process has the file open (no -wal file). Anything else (a damaged
+    file, a race) is left to the constructor's own check."""
+    if path.with_name(path.name + "-wal").exists():
+        return
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            row = (db.execute("SELECT value FROM mapd_meta WHERE name='schema_version'").fetchone()
+                   if "mapd_meta" in tables else None)
+        finally:
+            db.close()
+    except sqlite3.DatabaseError:
+        return
+    if tables and "mapd_meta" not in tables:
+        raise MapdError(f"{path}: an SQLite file that is not a mapd call cache (no mapd_meta table); "
+                        "move it away or set cache_path")
+    if tables and (row is None or row[0] != str(SCHEMA_VERSION)):
+        raise MapdError(f"{path}: call cache schema version {row[0] if row else 'none'}, this mapd reads "
+                        f"version {SCHEMA_VERSION}; move it away or set cache_path")
+
+
 class CallCache:
     """A SQLite call cache at ``path``, shared by the event loop and one worker thread."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = check_cache_path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MapdError(f"{self.path}: cannot make the call cache's folder ({exc.strerror or exc})") from None
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)  # autocommit
+        # autocommit; a writer waits up to 30 s for another process's transaction instead of failing
+        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
         try:
             with self._access():
                 self._check_schema()  # before anything writes: a foreign file is left byte for byte
@@ -87,9 +154,22 @@ class CallCache:
                 ) from None
 
     def _check_schema(self) -> None:
+        """Make the tables of a new file, or check an existing one's version and add what it lacks: in one
+        write transaction, so two processes opening a new file at once do not both make it."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._check_schema_in_transaction()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _check_schema_in_transaction(self) -> None:
         tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
-            self._db.executescript(_SCHEMA)
+            for statement in (_SCHEMA + _CLAIMS).split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
             self._db.execute("INSERT INTO mapd_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             return
         if "mapd_meta" not in tables:
@@ -104,6 +184,7 @@ class CallCache:
         for column, kind in _ADDED.items():
             if column not in present:
                 self._db.execute(f"ALTER TABLE calls ADD COLUMN {column} {kind}")
+        self._db.execute(_CLAIMS)
 
     def get(self, key: str) -> CallResult | None:
         """The cached successful result for ``key`` (``cached=True``, no call key yet), else None."""
@@ -115,19 +196,80 @@ class CallCache:
         return CallResult(None, text, error, input_tokens, output_tokens, latency_s, cached=True, attempts=attempts,
                           finish_reason=finish_reason)
 
-    def put(self, key: str, result: CallResult, teacher: str = "", cost_usd: float = 0.0) -> None:
-        """Record ``result`` (and what it cost) and commit now; a failure never replaces a stored success."""
+    def put(self, key: str, result: CallResult, teacher: str = "", cost_usd: float = 0.0, owner: str = "") -> None:
+        """Record ``result`` and what it cost (added to what earlier attempts cost), release ``owner``'s
+        claim on ``key``, and commit now; a failure never replaces a stored success."""
         values = (key, teacher, result.text, result.error, result.input_tokens, result.output_tokens,
                   result.latency_s, result.attempts, result.finish_reason, time.time(), cost_usd)
-        with self._access():
+        with self._transaction():
             self._db.execute(
                 f"INSERT INTO calls (key, teacher, {_COLUMNS}, created, cost_usd) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(key) DO UPDATE SET teacher=excluded.teacher, text=excluded.text, error=excluded.error, "
                 "input_tokens=excluded.input_tokens, output_tokens=excluded.output_tokens, "
                 "latency_s=excluded.latency_s, attempts=excluded.attempts, finish_reason=excluded.finish_reason, "
-                "created=excluded.created, cost_usd=excluded.cost_usd WHERE calls.text IS NULL",
+                "created=excluded.created, cost_usd=COALESCE(calls.cost_usd, 0) + excluded.cost_usd "
+                "WHERE calls.text IS NULL",
                 values,
             )
+            self._db.execute("DELETE FROM claims WHERE key=? AND owner=?", (key, owner))
+
+    def claim(self, key: str, owner: str, *, lease_s: float, reserve_usd: float = 0.0,
+              budget_usd: float | None = None) -> Literal["claimed", "answered", "busy", "over budget"]:
+        """Claim the call ``key`` for ``owner`` (this process) before making it: "answered" when another
+        process has made it meanwhile, "busy" while another live process holds it, "over budget" when
+        ``reserve_usd`` on top of everything paid through this cache and every live claim's reservation
+        would pass ``budget_usd``, or when a budget at least as large was reached before (so a rerun with the
+        same budget makes no call; a raised one goes on). A dead process's claims expire."""
+        now = time.time()
+        with self._transaction():
+            if self._db.execute("SELECT 1 FROM calls WHERE key=? AND text IS NOT NULL", (key,)).fetchone():
+                return "answered"
+            holder = self._db.execute("SELECT owner FROM claims WHERE key=? AND expires>?", (key, now)).fetchone()
+            if holder is not None and holder[0] != owner:
+                return "busy"
+            if budget_usd is not None:
+                reached = self._db.execute("SELECT value FROM mapd_meta WHERE name='budget_reached_usd'").fetchone()
+                if (reached and budget_usd <= float(reached[0])) or self._committed_usd(now) + reserve_usd > budget_usd:
+                    self._db.execute("INSERT OR REPLACE INTO mapd_meta VALUES ('budget_reached_usd', ?)",
+                                     (repr(max(budget_usd, float(reached[0]) if reached else 0.0)),))
+                    return "over budget"
+            self._db.execute("INSERT OR REPLACE INTO claims VALUES (?,?,?,?)", (key, owner, now + lease_s, reserve_usd))
+            return "claimed"
+
+    def renew(self, owner: str, lease_s: float) -> None:
+        """Extend ``owner``'s claims: it is alive."""
+        with self._access():
+            self._db.execute("UPDATE claims SET expires=? WHERE owner=?", (time.time() + lease_s, owner))
+
+    def release(self, owner: str, key: str | None = None) -> None:
+        """Drop ``owner``'s claim on ``key`` (all of its claims when ``key`` is None)."""
+        with self._access():
+            if key is None:
+                self._db.execute("DELETE FROM claims WHERE owner=?", (owner,))
+            else:
+                self._db.execute("DELETE FROM claims WHERE key=? AND owner=?", (key, owner))
+
+    def spent_usd(self) -> float:
+        """What every call recorded in this cache cost, over all runs and processes."""
+        with self._access():
+            return self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM calls").fetchone()[0]
+
+    def _committed_usd(self, now: float) -> float:
+        return self._db.execute(
+            "SELECT (SELECT COALESCE(SUM(cost_usd), 0) FROM calls) + "
+            "(SELECT COALESCE(SUM(reserved_usd), 0) FROM claims WHERE expires>?)", (now,)).fetchone()[0]
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction that other processes see whole (BEGIN IMMEDIATE takes the write lock first)."""
+        with self._access():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the database (also checkpoints the WAL)."""

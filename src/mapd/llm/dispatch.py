@@ -13,10 +13,13 @@ import asyncio
 import contextlib
 import inspect
 import io
+import logging
 import math
+import os
+import socket
 import statistics
-import threading
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
@@ -27,19 +30,22 @@ from rich.table import Table
 from tqdm import tqdm
 
 from mapd.config import TeacherConfig
-from mapd.errors import MapdError
+from mapd.errors import IncompleteStage, MapdError
 from mapd.llm.base import Call, CallKey, CallResult
 from mapd.llm.cache import CallCache, cache_key
 from mapd.llm.local_provider import LocalProvider
 from mapd.llm.openai_provider import Backoff, OpenAIProvider, approx_tokens
 from mapd.records import TeacherStats as TeacherStatsRecord
-from mapd.secrets import api_key
+from mapd.secrets import api_key, endpoint
 
 T = TypeVar("T")
 BUDGET_ERROR = "BudgetExceeded: not called (max_budget_usd reached)"
+CLAIM_LEASE_S = 30.0  # a claim not renewed for this long belongs to a dead process
+CLAIM_POLL_S = 0.5  # how often a call another process is making is looked for in the cache
+log = logging.getLogger("mapd.llm")
 
 
-class BudgetExceeded(MapdError):
+class BudgetExceeded(IncompleteStage):
     """Teacher spending would pass ``max_budget_usd``; the calls already made are cached."""
 
 
@@ -54,6 +60,9 @@ class TeacherStats:
     output_tokens: int = 0
     cost_usd: float = 0.0
     seconds: float = 0.0
+    not_made: int = 0
+    usage_estimated: int = 0
+    stopped: str | None = None
     latencies: list[float] = field(default_factory=list)
 
     def summary(self) -> TeacherStatsRecord:
@@ -62,6 +71,7 @@ class TeacherStats:
         return TeacherStatsRecord(
             calls=self.calls, cache_hits=self.cache_hits, failures=self.failures, input_tokens=self.input_tokens,
             output_tokens=self.output_tokens, cost_usd=round(self.cost_usd, 6), seconds=round(self.seconds, 3),
+            not_made=self.not_made, usage_estimated=self.usage_estimated, stopped=self.stopped,
             latency_p50_s=round(statistics.median(ordered), 3) if ordered else None,
             latency_p95_s=round(ordered[math.ceil(0.95 * len(ordered)) - 1], 3) if ordered else None,
         )
@@ -113,10 +123,13 @@ def _shutdown(runner: asyncio.Runner, providers: dict[str, OpenAIProvider]) -> N
 class Dispatcher:
     """The one call path for the committee's (and local models') calls.
 
-    ``max_budget_usd`` counts what this process spends (cache hits are free). Before a call starts,
-    its worst case (input estimate + ``max_tokens`` output) plus that of the calls in flight must fit
-    in what is left; otherwise it is not made (its result says so), the calls in flight finish and
-    are cached, and ``run`` raises BudgetExceeded. A dry run calls nothing: an uncached call gets a
+    ``max_budget_usd`` bounds what every call paid through the cache cost, over all runs and processes
+    that share it. Before a call starts, this process claims it in the cache with its worst case
+    (input estimate + ``max_tokens`` output); the claim is refused when that, plus everything paid and
+    every live claim, would pass the budget: the call is not made (its result says so), no later call
+    starts, and the calls in flight finish and are cached. A call another process has claimed is
+    waited for, not made again. A teacher whose provider stopped (an error every call would get, or
+    its circuit breaker) gets no more requests. A dry run calls nothing: an uncached call gets a
     stand-in reply of the longest possible length (so that follow-up calls are estimated at their
     worst) and is tallied in ``estimated``.
     """
@@ -137,10 +150,9 @@ class Dispatcher:
         self.backoff = backoff
         self.stats = {name: TeacherStats() for name in self.teachers}
         self.estimated: dict[str, Estimate] = {}
-        self.spent_usd = 0.0
-        self._reserved_usd = 0.0
-        self._refused = 0
-        self._budget_lock = threading.Lock()
+        self.spent_usd = 0.0  # by this process
+        self.budget_reached = False
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # names this process's claims
         self._local = {name: LocalProvider(t) for name, t in self.teachers.items() if t.provider == "local"}
         self._http: dict[str, OpenAIProvider] = {}  # made inside the loop, kept until close()
         self._in_flight: dict[str, asyncio.Future] = {}  # cache key -> the call answering it
@@ -162,17 +174,18 @@ class Dispatcher:
         self.close()
 
     def check_keys(self, names: Iterable[str] | None = None) -> None:
-        """MapdError when an HTTP teacher's key variable is unset (all teachers, or ``names``)."""
+        """MapdError when an HTTP teacher's key, headers_env or query_env variable is unset (all teachers,
+        or ``names``)."""
         for name in self.teachers if names is None else names:
             teacher = self.teachers[name]
             if teacher.provider == "openai":
-                api_key(teacher.api_key_env, teacher.name)
+                endpoint(teacher, api_key(teacher.api_key_env, teacher.name))
 
     # -- driving --------------------------------------------------------------------------------
 
     def run(self, work: Awaitable[T], desc: str = "calls") -> T:
         """Drive ``work`` (a coroutine that awaits :meth:`complete`) to its end on the dispatcher's loop,
-        with a progress bar of the calls; BudgetExceeded afterwards when the budget refused calls."""
+        with a progress bar of the calls (and of the spend, when the teachers have prices)."""
         try:
             if not self._finalizer.alive:
                 raise RuntimeError("this Dispatcher is closed")
@@ -182,7 +195,6 @@ class Dispatcher:
             if inspect.iscoroutine(work):
                 work.close()  # refused before it started: no "coroutine was never awaited" warning
             raise
-        self._refused = 0
         return self._runner.run(self._drive(work, desc))
 
     def complete_all(self, calls: list[Call], desc: str = "calls") -> dict[CallKey, CallResult]:
@@ -204,21 +216,23 @@ class Dispatcher:
                 self._provider(name)
         self._busy = {}
         self._bar = tqdm(total=0, desc=desc, unit="call")
+        heartbeat = asyncio.ensure_future(self._keep_claims())
         try:
             with self._bar:
-                result = await work
+                return await work
         finally:  # also on an error or an interrupt: nothing of this run outlives it on the dispatcher's loop
             self._bar = None
+            heartbeat.cancel()
             await _cancel_the_rest()
+            self.cache.release(self.owner)
             for name, (first, last) in self._busy.items():
                 self.stats[name].seconds += last - first
-        if self._refused:
-            raise BudgetExceeded(
-                f"teacher budget max_budget_usd={self.max_budget_usd:g} reached: spent {self.spent_usd:.4f} USD in "
-                f"this run; {self._refused} calls were not made (those made are cached). "
-                "Raise max_budget_usd and rerun to continue."
-            )
-        return result
+
+    async def _keep_claims(self) -> None:
+        """Renew this process's claims while it lives; a killed process's claims expire after CLAIM_LEASE_S."""
+        while True:
+            await asyncio.sleep(CLAIM_LEASE_S / 3)
+            self.cache.renew(self.owner, CLAIM_LEASE_S)
 
     # -- the call path --------------------------------------------------------------------------
 
@@ -252,34 +266,68 @@ class Dispatcher:
                 self._bar.update()
 
     async def _make(self, teacher: TeacherConfig, call: Call, key: str) -> CallResult:
-        """One call to the model within the budget and the teacher's concurrency; cached and counted."""
-        cost = _worst_case(teacher, call)[1]
+        """One call to the model within the teacher's concurrency and the budget; cached and counted."""
         local = teacher.name in self._local  # its queue batches the calls: no slot to wait for
+        provider = self._local[teacher.name] if local else self._provider(teacher.name)
         async with contextlib.nullcontext() if local else self._slots[teacher.name]:
-            if not self._reserve(cost):  # as the call starts: a call waiting for a slot holds no budget
-                return CallResult(call.key, None, BUDGET_ERROR, attempts=0)
+            stopped = None if local else provider.stopped
+            if stopped or self.budget_reached:
+                return self._not_made(teacher, call, f"TeacherStopped: {stopped}" if stopped else BUDGET_ERROR)
+            answered = await self._claim(teacher, call, key)  # as the call starts: one waiting for a slot holds no budget
+            if answered is not None:
+                return answered
             try:
                 self._started(teacher.name)
-                provider = self._local[teacher.name] if local else self._provider(teacher.name)
                 result = await provider.complete(call)
-            finally:
-                with self._budget_lock:
-                    self._reserved_usd -= cost
+            except BaseException:
+                self.cache.release(self.owner, key)
+                raise
         self._record(teacher, key, result)
         return result
 
+    async def _claim(self, teacher: TeacherConfig, call: Call, key: str) -> CallResult | None:
+        """None once this process holds the call; otherwise its answer: another process's reply, or not made."""
+        while True:
+            verdict = self.cache.claim(key, self.owner, lease_s=CLAIM_LEASE_S, reserve_usd=_worst_case(teacher, call)[1],
+                                       budget_usd=self.max_budget_usd)
+            if verdict == "claimed":
+                return None
+            if verdict == "answered" and (hit := self.cache.get(key)) is not None:
+                self.stats[teacher.name].cache_hits += 1
+                return hit
+            if verdict == "over budget":
+                if not self.budget_reached:
+                    self.budget_reached = True
+                    log.warning("budget max_budget_usd=%g reached (%.4f USD paid through %s): no new calls",
+                                self.max_budget_usd, self.cache.spent_usd(), self.cache.path)
+                return self._not_made(teacher, call, BUDGET_ERROR)
+            await asyncio.sleep(CLAIM_POLL_S)  # another process is making this very call: wait for its reply
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.stats[teacher.name].cache_hits += 1
+                return hit
+
+    def _not_made(self, teacher: TeacherConfig, call: Call, why: str) -> CallResult:
+        self.stats[teacher.name].not_made += 1
+        return CallResult(call.key, None, why, attempts=0)
+
     def _record(self, teacher: TeacherConfig, key: str, result: CallResult) -> None:
         spent = teacher.cost(result.input_tokens, result.output_tokens)
-        self.cache.put(key, result, teacher.name, spent)
+        self.cache.put(key, result, teacher.name, spent, self.owner)
         stats = self.stats[teacher.name]
         stats.calls += 1
         stats.failures += result.text is None
+        stats.usage_estimated += result.usage_estimated
         stats.input_tokens += result.input_tokens
         stats.output_tokens += result.output_tokens
         stats.latencies.append(result.latency_s)
         stats.cost_usd += spent
-        with self._budget_lock:
-            self.spent_usd += spent
+        self.spent_usd += spent
+        provider = self._http.get(teacher.name)
+        if result.text is None and not (provider and provider.stopped):  # a stopped teacher said so once
+            log.warning("%s failed: %s", result.key, result.error)
+        if self._bar is not None and spent:
+            self._bar.set_postfix_str(f"{self.spent_usd:.4f} USD", refresh=False)
         self._busy[teacher.name][1] = time.perf_counter()
 
     def _stand_in(self, teacher: TeacherConfig, call: Call, key: str) -> CallResult:
@@ -296,17 +344,6 @@ class Dispatcher:
         text = f"{call.key}: ".ljust(4 * teacher.max_tokens, ".")
         return CallResult(call.key, text, dry_run=True, attempts=0)
 
-    def _reserve(self, cost: float) -> bool:
-        """Claim ``cost`` of the budget for a call about to start; False (counted) when it does not fit."""
-        with self._budget_lock:
-            if self.max_budget_usd is not None and (
-                self._refused or self.spent_usd + self._reserved_usd + cost > self.max_budget_usd
-            ):
-                self._refused += 1
-                return False
-            self._reserved_usd += cost
-            return True
-
     def _started(self, name: str) -> None:
         self._busy.setdefault(name, [time.perf_counter()] * 2)
 
@@ -321,6 +358,8 @@ class Dispatcher:
 
     def summary(self) -> dict[str, TeacherStatsRecord]:
         """``{teacher: TeacherStats}`` as teach_stats.json stores it."""
+        for name, provider in self._http.items():
+            self.stats[name].stopped = provider.stopped
         return {name: stats.summary() for name, stats in self.stats.items()}
 
     def summary_table(self) -> str:

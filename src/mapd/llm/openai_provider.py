@@ -14,9 +14,12 @@ about half the client's CPU time per call (docs/llm.md).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
@@ -28,7 +31,7 @@ from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_af
 
 from mapd.config import TeacherConfig
 from mapd.llm.base import Call, CallResult
-from mapd.secrets import redact_text, redact_url, split_credentials
+from mapd.secrets import Redactor, endpoint, protect_logs, redact_url
 
 log = logging.getLogger("mapd.llm")
 
@@ -41,11 +44,21 @@ class Backoff:
     initial_s: float = 1.0
     max_s: float = 60.0
     jitter_s: float = 1.0
-    retry_after_max_s: float = 300.0
+    retry_after_max_s: float = 60.0
 
 
 class UnusableReply(Exception):
     """A 200 reply that carries no usable text (no choices, empty content): worth retrying."""
+
+
+class TeacherStopped(Exception):
+    """The teacher was stopped (an error every call would get, or the circuit breaker): no more requests."""
+
+
+# A wrong key, no access, no such model or endpoint: every call to the teacher would fail alike.
+STOPS_TEACHER = (401, 403, 404)
+_UNKNOWN_MODEL = re.compile(r"model\b.{0,100}?(?:not (?:be )?found|does not exist|unknown|not supported)", re.I | re.S)
+USAGE_LIMIT = 10_000_000  # token counts above this are not believed
 
 
 def approx_tokens(messages: list[dict[str, str]]) -> int:
@@ -73,6 +86,13 @@ def retry_after_s(exc: BaseException | None) -> float | None:
         return None  # a header we cannot read: fall back to our own backoff
 
 
+def stops_teacher(exc: BaseException) -> bool:
+    """Whether ``exc`` means every call to this teacher will fail: stop it at once."""
+    if not isinstance(exc, openai.APIStatusError):
+        return False
+    return exc.status_code in STOPS_TEACHER or (exc.status_code in (400, 422) and bool(_UNKNOWN_MODEL.search(str(exc))))
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether another attempt may succeed."""
     if isinstance(exc, openai.APIStatusError):
@@ -88,11 +108,16 @@ class OpenAIProvider:
 
     def __init__(self, teacher: TeacherConfig, api_key: str, backoff: Backoff = Backoff()) -> None:
         self.teacher = teacher
-        self._secrets = [api_key]
-        base_url, credentials = split_credentials(teacher.base_url)
+        # user:password@ -> a Basic header; base_url's query and query_env -> every request's query;
+        # headers_env -> headers. Every credential value is redacted from whatever leaves the provider.
+        where = endpoint(teacher, api_key)  # MapdError naming an unset variable
+        self._redact_error = Redactor(where.secrets, key_like=True)  # error texts: also anything key-like
+        self._redact_reply = Redactor(where.secrets)  # reply texts: the credentials only
+        protect_logs(where.secrets)
         pool = httpx2.Limits(max_connections=teacher.max_concurrency, max_keepalive_connections=teacher.max_concurrency)
         self._client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key, max_retries=0, timeout=teacher.timeout_s, default_headers=credentials,
+            base_url=where.base_url, api_key=api_key, max_retries=0, timeout=teacher.timeout_s,
+            default_headers=where.headers or None, default_query=where.query or None,
             http_client=openai.DefaultAioHttpClient(limits=pool),
         )
         self._backoff = backoff
@@ -101,6 +126,10 @@ class OpenAIProvider:
         rpm, tpm = teacher.requests_per_minute, teacher.tokens_per_minute
         self._request_limiter = AsyncLimiter(rpm, 60) if rpm else None
         self._token_limiter = AsyncLimiter(tpm, 60) if tpm else None
+        self.stopped: str | None = None  # why the teacher was stopped
+        self._stop_event = asyncio.Event()  # wakes the calls waiting to retry
+        self._failures_in_a_row = 0
+        self._failing_since = 0.0  # when the current run of failed attempts began
 
     async def complete(self, call: Call) -> CallResult:
         """One chat completion with retries, answered with the call's key; failures come back as
@@ -112,16 +141,58 @@ class OpenAIProvider:
             wait=self._wait,
             retry=retry_if_exception(is_transient),
             before_sleep=self._log_retry,
+            sleep=self._sleep,
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    result = await self._attempt(call)
+                    if self.stopped:
+                        raise TeacherStopped(self.stopped)
+                    result = await self._counted(self._attempt(call))
+        except TeacherStopped as exc:
+            result = CallResult(call.key, None, f"TeacherStopped: {exc}")
         except Exception as exc:  # every failure becomes a recorded result, never an exception in the stage
             result = CallResult(call.key, None, self._describe(exc))
         return result.of(call.key, latency_s=time.perf_counter() - start, attempts=attempts)
+
+    async def _counted(self, attempt: Awaitable[CallResult]) -> CallResult:
+        """One attempt, with the circuit breaker's count: an error every call would get stops the teacher at
+        once; so do ``max_consecutive_failures`` transient failures in a row (429s excepted) over at least
+        ``failing_for_s`` seconds without a reply (an endpoint that is down, not one that is flaky)."""
+        try:
+            result = await attempt
+        except Exception as exc:
+            if stops_teacher(exc):
+                self.stop(self._describe(exc))
+            elif is_transient(exc) and getattr(exc, "status_code", None) != 429:
+                now = time.monotonic()
+                if self._failures_in_a_row == 0:
+                    self._failing_since = now
+                self._failures_in_a_row += 1
+                failing_for = now - self._failing_since
+                if (self._failures_in_a_row >= self.teacher.max_consecutive_failures
+                        and failing_for >= self.teacher.failing_for_s):
+                    self.stop(f"{self._failures_in_a_row} failed attempts in a row over {failing_for:.0f} s, "
+                              f"the last: {self._describe(exc)}")
+            raise
+        self._failures_in_a_row = 0
+        return result
+
+    def stop(self, reason: str) -> None:
+        """Stop the teacher: its calls waiting to retry wake and fail, later calls fail without a request."""
+        if self.stopped is None:
+            self.stopped = reason
+            self._stop_event.set()
+            log.error("teacher %s stopped: %s", self.teacher.name, reason)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait before a retry, unless the teacher is stopped meanwhile."""
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def aclose(self) -> None:
         """Close the HTTP connections."""
@@ -130,32 +201,51 @@ class OpenAIProvider:
     async def _attempt(self, call: Call) -> CallResult:
         teacher, messages = self.teacher, call.messages
         if self._request_limiter:
-            await self._request_limiter.acquire()
+            await self._limited(self._request_limiter, 1, "requests_per_minute")
         if self._token_limiter:
             needed = approx_tokens(messages) + teacher.max_tokens
-            await self._token_limiter.acquire(min(needed, teacher.tokens_per_minute))
+            await self._limited(self._token_limiter, min(needed, teacher.tokens_per_minute), "tokens_per_minute")
         body = {"model": teacher.model, "messages": messages, "temperature": teacher.temperature,
                 "top_p": teacher.top_p, teacher.max_tokens_field: teacher.max_tokens, **teacher.extra_body}
         reply = await self._client.post("/chat/completions", body=body, cast_to=object)  # the JSON reply as is
         choices = reply.get("choices") if isinstance(reply, dict) else None
         if not choices:
             raise UnusableReply("the reply has no choices")
-        choice = choices[0]
-        message = choice.get("message") or {}
-        usage = reply.get("usage")
-        tokens = ((usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)) if usage
-                  else (approx_tokens(messages), 0))
+        choice = choices[0] if isinstance(choices[0], dict) else {}
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        finish_reason = choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
         refusal = message.get("refusal")
-        if refusal or choice.get("finish_reason") == "content_filter":
+        if refusal or finish_reason == "content_filter":
             reason = refusal or "finish_reason is content_filter"
-            return CallResult(call.key, None, self._describe_text(f"Refusal: {reason}"), *tokens,
-                              finish_reason=choice.get("finish_reason"))
+            return CallResult(call.key, None, self._describe_text(f"Refusal: {reason}"), finish_reason=finish_reason,
+                              **self._usage(reply, messages, str(reason)))
         text = message.get("content")
         if not isinstance(text, str) or not text.strip():
-            raise UnusableReply(f"empty content (finish_reason {choice.get('finish_reason')})")
-        if not usage:
-            tokens = (tokens[0], len(text) // 4 + 1)
-        return CallResult(call.key, text, None, *tokens, finish_reason=choice.get("finish_reason"))
+            raise UnusableReply(f"empty content (finish_reason {finish_reason})")
+        return CallResult(call.key, self._redact(text), None, finish_reason=finish_reason,
+                          **self._usage(reply, messages, text))
+
+    def _usage(self, reply: dict, messages: list[dict[str, str]], text: str) -> dict:
+        """``input_tokens``, ``output_tokens`` and ``usage_estimated``: the reply's usage where it is believable, else an
+        estimate from the text (~4 characters a token). Missing, null, non-integer, negative or absurd counts
+        never abort the call and never make it cheaper than the text it brought."""
+        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+        estimates = (approx_tokens(messages), len(text) // 4 + 1)
+        counts, estimated = [], False
+        for name, estimate in zip(("prompt_tokens", "completion_tokens"), estimates):
+            value = usage.get(name)
+            believable = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= USAGE_LIMIT
+            counts.append(value if believable else estimate)
+            estimated = estimated or not believable
+        return {"input_tokens": counts[0], "output_tokens": counts[1], "usage_estimated": estimated}
+
+    async def _limited(self, limiter: AsyncLimiter, amount: float, limit: str) -> None:
+        """Take ``amount`` from a rate limiter, saying so when the wait is long."""
+        began = time.perf_counter()
+        await limiter.acquire(amount)
+        waited = time.perf_counter() - began
+        if waited >= 1:
+            log.info("teacher %s: waited %.1f s for its %s limit", self.teacher.name, waited, limit)
 
     def _wait(self, state: RetryCallState) -> float:
         asked = retry_after_s(state.outcome.exception() if state.outcome else None)
@@ -165,10 +255,12 @@ class OpenAIProvider:
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
+        asked = retry_after_s(exc)
+        capped = f" (the server asked for {asked:.0f} s)" if asked is not None and asked > self._backoff.retry_after_max_s else ""
         log.info(
-            "teacher %s: %s; retry %d/%d in %.2f s",
-            self.teacher.name, self._describe(exc), state.attempt_number, self.teacher.max_retries,
-            state.next_action.sleep if state.next_action else 0.0,
+            "teacher %s: %s; retry %d/%d in %.1f s%s",
+            self.teacher.name, self._describe(exc)[:200], state.attempt_number, self.teacher.max_retries,
+            state.next_action.sleep if state.next_action else 0.0, capped,
         )
 
     def _describe(self, exc: BaseException | None) -> str:
@@ -187,4 +279,9 @@ class OpenAIProvider:
         base_url = str(self.teacher.base_url or "")
         if base_url:
             text = text.replace(base_url, redact_url(base_url))
-        return redact_text(text, self._secrets)[:500]
+        return self._redact_error(text)[:500]
+
+    def _redact(self, text: str | None) -> str | None:
+        """A reply text without the endpoint's credentials: a server or gateway that echoes the request
+        (headers, query, body) must not put them into feedback, rationales or the cache."""
+        return self._redact_reply(text) if text and self._redact_reply else text

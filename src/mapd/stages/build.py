@@ -20,13 +20,16 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter, defaultdict
+from contextlib import nullcontext
 
 from mapd.config import BuildConfig, PromptConfig, TaskConfig
 from mapd.errors import MapdError
+from mapd.io import check_folder, folder_lock, read_jsonl_lines
 from mapd.layout import RoundLayout
 from mapd.prompts import answer_messages, feedback_messages
 from mapd.records import Feedback, Mistake, Rationale, TrainingPair, read_mistakes, read_records, write_records
 from mapd.tasks import get_task
+from mapd.tasks.base import check_mistakes
 
 
 def _by_mistake(records: list[Feedback] | list[Rationale], name: str, ids: set[str]) -> dict[str, list]:
@@ -82,14 +85,14 @@ def build_pairs(
         raise MapdError(f"build mode '{mode}': unknown (modes: mixed, single:<teacher>, no-review, all)")
 
     def usable_rationale(record: Rationale) -> bool:
-        if record.text is None or (single is not None and record.teacher != single):
+        if not (record.text or "").strip() or (single is not None and record.teacher != single):
             return False
         return single is not None or mode == "no-review" or record.accepted
 
     pairs: list[TrainingPair] = []
     counts = Counter()
     for mistake in mistakes:
-        feedbacks = [f for f in feedback_by[mistake.id] if f.text is not None and single in (None, f.teacher)]
+        feedbacks = [f for f in feedback_by[mistake.id] if (f.text or "").strip() and single in (None, f.teacher)]
         usable = [r for r in rationales_by[mistake.id] if usable_rationale(r)]
         if not feedbacks:
             counts["dropped_no_feedback"] += 1
@@ -118,15 +121,24 @@ def build_pairs(
     }
 
 
-def run_build(folder: RoundLayout, *, task: TaskConfig | None, build: BuildConfig, prompts: PromptConfig) -> dict:
+def run_build(folder: RoundLayout, *, task: TaskConfig | None, build: BuildConfig, prompts: PromptConfig,
+              lock: bool = False) -> dict:
     """Read the round's mistakes, feedback and rationales, write its train.jsonl, return the counts.
 
     The answer kind (how the rationale prompt asks the answer to end) is the task's; with no task
     (``mapd build`` without ``--config``) it is inferred from the gold answers (:func:`infer_answer_kind`).
     """
     mistakes = read_mistakes(folder.mistakes)
+    if task is not None:
+        check_mistakes(folder.mistakes, mistakes, get_task(task).answer_kind, task.name)
     feedback = read_records(folder.feedback, Feedback)
     rationales = read_records(folder.rationales, Rationale)
+    ids = {mistake.id for mistake in mistakes}
+    for path, records in ((folder.feedback, feedback), (folder.rationales, rationales)):
+        stray = next((index for index, record in enumerate(records) if record.id not in ids), None)
+        if stray is not None:  # named by its line (read_records: one record per non-blank line)
+            line = [number for number, _ in read_jsonl_lines(path)][stray]
+            raise MapdError(f"{path}:{line}: field 'id': {records[stray].id!r} is not in {folder.mistakes}")
     answer_kind = get_task(task).answer_kind if task is not None else infer_answer_kind(mistakes)
     pairs, counts = build_pairs(mistakes, feedback, rationales, build=build, prompts=prompts, answer_kind=answer_kind)
     if not pairs:
@@ -134,7 +146,9 @@ def run_build(folder: RoundLayout, *, task: TaskConfig | None, build: BuildConfi
             f"{folder.dir}: no usable mistake ({counts['dropped_no_feedback']} without feedback, "
             f"{counts['dropped_no_rationale']} without an accepted rationale)"
         )
-    write_records(folder.train, pairs)
+    check_folder(folder.dir, [folder.train])
+    with folder_lock(folder.dir) if lock else nullcontext():  # every input read and checked: now write
+        write_records(folder.train, pairs)
     print(
         f"build {build.mode}: {counts['pairs']['feedback']} feedback + {counts['pairs']['rationale']} rationale pairs "
         f"from {counts['mistakes_used']}/{counts['mistakes']} mistakes (dropped: {counts['dropped_no_feedback']} "

@@ -2,37 +2,53 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
+from contextlib import nullcontext
+
 from mapd.config import PromptConfig, StudentConfig, TaskConfig
-from mapd.evaluate import predict_split
+from mapd.evaluate import predict_split, warn_if_cut_off
+from mapd.io import check_folder, folder_lock
 from mapd.layout import RoundLayout
+from mapd.models import resolve_model
 from mapd.records import Mistake, Prediction, write_records
+from mapd.tasks import get_task
 
 
 def mine(predictions: list[Prediction]) -> list[Mistake]:
     """Mistake records of the predictions that are not correct: "wrong" when an answer was
-    extracted, "unparsed" when none was. A correct prediction is never a mistake."""
+    extracted, "unparsed" when none was, "truncated" when the text was cut off before it committed to
+    one. A correct prediction is never a mistake."""
     return [
         Mistake(id=p.id, question=p.question, gold=p.gold, output=p.output, answer=p.answer,
-                status="unparsed" if p.status == "unparsed" else "wrong")
+                status="wrong" if p.status == "ok" else p.status, cut_off=p.cut_off)
         for p in predictions
         if not p.correct
     ]
 
 
-def run_mine(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, prompts: PromptConfig) -> dict:
+def run_mine(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, prompts: PromptConfig,
+             lock: bool = False) -> dict:
     """Answer the train split with ``student`` (greedy or sampled as it says), write folder/mistakes.jsonl,
-    print and return ``{n, correct, wrong, unparsed, accuracy, seconds}``."""
-    predictions, seconds = predict_split(
-        student.model, task, task.train_split, task.train_limit, prompts, gguf_file=student.gguf_file, desc="mine",
-        batch_size=student.batch_size, max_new_tokens=student.max_new_tokens, temperature=student.temperature,
-        top_p=student.top_p, seed=student.seed,
-    )
-    mistakes = mine(predictions)
-    write_records(folder.mistakes, mistakes)
-    unparsed = sum(m.status == "unparsed" for m in mistakes)
+    print and return ``{n, correct, wrong, unparsed, truncated, accuracy, seconds}``. The data and the model path are
+    checked before anything is made; then ``lock`` (``mapd mine``) holds the folder's lock while it works."""
+    get_task(task).load(task.train_split, task.train_limit)  # bad data fails here, before the folder is made
+    resolve_model(student.model, student.gguf_file)  # and so does a mistyped model path
+    check_folder(folder.dir, [folder.mistakes])
+    with folder_lock(folder.dir) if lock else nullcontext():
+        predictions, seconds = predict_split(
+            student.model, task, task.train_split, task.train_limit, prompts, gguf_file=student.gguf_file,
+            desc="mine", batch_size=student.batch_size, max_new_tokens=student.max_new_tokens,
+            temperature=student.temperature, top_p=student.top_p, seed=student.seed,
+        )
+        mistakes = mine(predictions)
+        write_records(folder.mistakes, mistakes)
+    status = Counter(m.status for m in mistakes)
     n = len(predictions)
-    summary = {"n": n, "correct": n - len(mistakes), "wrong": len(mistakes) - unparsed, "unparsed": unparsed,
-               "accuracy": (n - len(mistakes)) / n, "seconds": round(seconds, 2)}
+    summary = {"n": n, "correct": n - len(mistakes), "wrong": status["wrong"], "unparsed": status["unparsed"],
+               "truncated": status["truncated"], "accuracy": (n - len(mistakes)) / n, "seconds": round(seconds, 2)}
     print(f"mine {task.name}/{task.train_split}: accuracy {summary['accuracy']:.1%} on {n} questions, "
-          f"{summary['wrong']} wrong, {unparsed} unparsed -> {folder.mistakes}")
+          f"{status['wrong']} wrong, {status['unparsed']} unparsed, {status['truncated']} cut off before an answer "
+          f"-> {folder.mistakes}")
+    warn_if_cut_off(predictions, student.max_new_tokens)
     return summary

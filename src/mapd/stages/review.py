@@ -67,12 +67,13 @@ def reviewers(teacher: str, committee: list[str], config: ReviewConfig) -> list[
 
 
 def judged(mistake_id: str, teacher: str, text: str | None, error: str | None, reviews: list[Review], *,
-           gold: str, answer_kind: str, config: ReviewConfig) -> Rationale:
-    """A rationale record: its own extracted answer, its reviews, their aggregate and the verdict.
-    A failed rationale (no text) is never accepted."""
-    answer = None if text is None else extract(text, answer_kind).answer
+           gold: str, answer_kind: str, config: ReviewConfig, cut_off: bool | None = None) -> Rationale:
+    """A rationale record: its own extracted answer (a text cut off at its token limit commits only
+    explicitly), its reviews, their aggregate and the verdict. A failed rationale (no text) is never accepted."""
+    complete = None if cut_off is None else not cut_off
+    answer = None if text is None else extract(text, answer_kind, complete=complete).answer
     mean_score, accepted = accept([review.score for review in reviews], config)
     if config.require_gold_answer:
         accepted = accepted and is_correct(answer, gold, answer_kind)
-    return Rationale(id=mistake_id, teacher=teacher, text=text, error=error, answer=answer, reviews=reviews,
-                     mean_score=mean_score, accepted=accepted and text is not None)
+    return Rationale(id=mistake_id, teacher=teacher, text=text, error=error, answer=answer, cut_off=cut_off,
+                     reviews=reviews, mean_score=mean_score, accepted=accepted and text is not None)

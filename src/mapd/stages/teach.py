@@ -12,18 +12,22 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 from mapd.config import PromptConfig, ReviewConfig, TaskConfig, TeacherConfig
-from mapd.errors import MapdError
+from mapd.errors import IncompleteStage, MapdError
+from mapd.io import check_folder, folder_lock
 from mapd.layout import RoundLayout
-from mapd.llm import Call, CallCache, CallKey, Dispatcher
+from mapd.llm import BudgetExceeded, Call, CallCache, CallKey, Dispatcher
+from mapd.llm.cache import check_cache_path
 from mapd.models import check_local_teachers
 from mapd.prompts import answer_messages, feedback_messages, review_messages
 from mapd.records import Feedback, Mistake, Rationale, Review, TeachStats, read_mistakes, write_document, write_records
+from mapd.secrets import api_key, endpoint
 from mapd.stages.review import check_committee, judged, parse_score, reviewers
 from mapd.tasks import get_task
+from mapd.tasks.base import check_mistakes
 
 
 class Committee:
@@ -45,7 +49,7 @@ class Committee:
     async def feedback(self, mistake: Mistake, teacher: str) -> Feedback:
         messages = feedback_messages(self.prompts, mistake.question, mistake.output, mistake.gold, self.answer_kind)
         result = await self.dispatcher.complete(Call(CallKey("feedback", mistake.id, teacher), messages))
-        return Feedback(id=mistake.id, teacher=teacher, text=result.text, error=result.error)
+        return Feedback(id=mistake.id, teacher=teacher, text=result.text, error=result.error, cut_off=result.cut_off)
 
     async def rationale(self, mistake: Mistake, teacher: str) -> Rationale:
         messages = answer_messages(self.prompts, mistake.question, self.answer_kind)
@@ -54,7 +58,7 @@ class Committee:
             *(self.peer_review(mistake, teacher, result.text, reviewer)
               for reviewer in reviewers(teacher, self.committee, self.review)))
         return judged(mistake.id, teacher, result.text, result.error, list(reviews), gold=mistake.gold,
-                      answer_kind=self.answer_kind, config=self.review)
+                      answer_kind=self.answer_kind, config=self.review, cut_off=result.cut_off)
 
     async def peer_review(self, mistake: Mistake, teacher: str, rationale: str, reviewer: str) -> Review:
         messages = review_messages(self.prompts, mistake.question, rationale, mistake.gold, self.answer_kind)
@@ -93,17 +97,35 @@ def _acceptance_line(feedback: list[Feedback], rationales: list[Rationale]) -> s
 
 def run_teach(folder: RoundLayout, *, task: TaskConfig, teachers: list[TeacherConfig], prompts: PromptConfig,
               review: ReviewConfig, cache_path: str | None, max_budget_usd: float | None,
-              dry_run: bool = False) -> dict:
+              dry_run: bool = False, lock: bool = False) -> dict:
     """Teach ``folder.mistakes``: write feedback.jsonl, rationales.jsonl and teach_stats.json and return
-    counts. A dry run prints the estimate and writes nothing."""
+    counts. A dry run prints the estimate and writes nothing. Every input is checked before anything is
+    made (no folder, lock or cache); then ``lock`` (``mapd teach``) holds the folder's lock while it works."""
     if not teachers:
         raise MapdError("teachers: the committee needs at least one teacher")
     committee = [teacher.name for teacher in teachers]
     check_committee(committee, review)
     answer_kind = get_task(task).answer_kind
     mistakes = read_mistakes(folder.mistakes)
+    check_mistakes(folder.mistakes, mistakes, answer_kind, task.name)
     check_local_teachers(teachers)
     cache_file = Path(cache_path).expanduser() if cache_path else folder.default_cache
+    check_cache_path(cache_file)
+    if not dry_run:
+        check_folder(folder.dir, [folder.feedback, folder.rationales, folder.teach_stats])
+        for teacher in teachers:  # an unset key variable, before the cache file is made
+            if teacher.provider == "openai":
+                endpoint(teacher, api_key(teacher.api_key_env, teacher.name))
+    with folder_lock(folder.dir) if lock and not dry_run else nullcontext():
+        return _teach_into(folder, mistakes, committee=committee, answer_kind=answer_kind, cache_file=cache_file,
+                           teachers=teachers, prompts=prompts, review=review, max_budget_usd=max_budget_usd,
+                           dry_run=dry_run)
+
+
+def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list[str], answer_kind: str,
+                cache_file: Path, teachers: list[TeacherConfig], prompts: PromptConfig, review: ReviewConfig,
+                max_budget_usd: float | None, dry_run: bool) -> dict:
+    """run_teach's work once its inputs are valid."""
     with ExitStack() as stack:
         if dry_run and not cache_file.exists():  # nothing cached yet, and a dry run leaves no file behind
             cache_file = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "cache.sqlite"
@@ -124,6 +146,7 @@ def run_teach(folder: RoundLayout, *, task: TaskConfig, teachers: list[TeacherCo
     write_records(folder.rationales, rationales)
     write_document(folder.teach_stats, TeachStats(dispatcher.summary()))
     print(_acceptance_line(feedback, rationales))
+    _raise_if_incomplete(feedback, rationales, dispatcher)
     return {
         "mistakes": len(mistakes),
         "feedback_failed": sum(r.text is None for r in feedback),
@@ -131,3 +154,21 @@ def run_teach(folder: RoundLayout, *, task: TaskConfig, teachers: list[TeacherCo
         "accepted": sum(r.accepted for r in rationales),
         "teachers": {name: row.model_dump() for name, row in dispatcher.summary().items()},
     }
+
+
+def _raise_if_incomplete(feedback: list[Feedback], rationales: list[Rationale], dispatcher: Dispatcher) -> None:
+    """IncompleteStage (BudgetExceeded when the budget stopped it) when any call failed or was not made;
+    the records are written by then, and a rerun makes only the missing calls."""
+    errors = [r.error for r in [*feedback, *rationales] if r.text is None]
+    errors += [v.error for r in rationales for v in r.reviews if v.raw is None]
+    if not errors:
+        return
+    kinds = Counter(error.split(":", 1)[0] for error in errors)
+    stopped = [f"{name} ({row.stopped})" for name, row in dispatcher.summary().items() if row.stopped]
+    what = (f"{len(errors)} calls failed or were not made ({', '.join(f'{n} {k}' for k, n in kinds.most_common())})"
+            + (f"; stopped teachers: {'; '.join(stopped)}" if stopped else ""))
+    if dispatcher.budget_reached:
+        raise BudgetExceeded(f"teacher budget max_budget_usd={dispatcher.max_budget_usd:g} reached: {what}. "
+                             "The records are written; raise max_budget_usd and rerun to make the missing calls.")
+    raise IncompleteStage(f"teach incomplete: {what}. The records are written; fix the cause and rerun "
+                          "to make only the missing calls.")

@@ -10,7 +10,7 @@ from typing import Any
 
 from mapd.config import AnswerKind
 from mapd.errors import MapdError
-from mapd.io import read_jsonl
+from mapd.io import read_jsonl, read_jsonl_lines
 
 CHOICE_LETTERS = "ABCDEFGHIJ"
 NUMBER_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
@@ -89,6 +89,40 @@ def bool_text(value: Any, where: str) -> str:
     if text in {"false", "no"}:
         return "false"
     raise MapdError(f"{where}: gold answer is {value!r}, expected true or false")
+
+
+KIND_NAMES = {"number": "numbers", "bool": "true or false", "choice": "option letters A-J"}
+
+
+def gold_problem(gold: str, kind: AnswerKind) -> str | None:
+    """Why ``gold`` is not a canonical gold answer of ``kind`` (what :func:`number_text`, :func:`bool_text`
+    or an option letter give), or None when it is one."""
+    if kind == "number":
+        if NUMBER_TEXT.fullmatch(gold):
+            return None
+        try:
+            fix = f": write {number_text(gold, '')}"
+        except MapdError:
+            fix = " (e.g. 42, -3.5 or 1/2)"
+        return f"{gold!r} is not a number as mapd writes one{fix}"
+    if kind == "bool":
+        return None if gold in ("true", "false") else f"{gold!r} is not true or false"
+    return None if len(gold) == 1 and gold in CHOICE_LETTERS else f"{gold!r} is not an option letter A-J"
+
+
+def check_mistakes(path: str | Path, mistakes: list, kind: AnswerKind, task: str) -> None:
+    """MapdError ``file:line: field '...': ...`` for the first mistake (as ``mapd.records.read_mistakes``
+    reads them: one per non-blank line) whose gold is not of the task's answer kind or whose question
+    is blank."""
+    for index, mistake in enumerate(mistakes):
+        problem = gold_problem(mistake.gold, kind)
+        if problem is not None:
+            problem = f"field 'gold': {problem} (task {task} has answers that are {KIND_NAMES[kind]})"
+        elif not mistake.question.strip():
+            problem = "field 'question': blank"
+        if problem is not None:
+            line = [number for number, _ in read_jsonl_lines(path)][index]
+            raise MapdError(f"{path}:{line}: {problem}")
 
 
 def format_options(question: str, options: list[str]) -> str:
