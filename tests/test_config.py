@@ -7,7 +7,8 @@ from mapd.cli import main
 from mapd.config import RunConfig, default_config_yaml, embedded_default_config, load_config, parse_config, public_dump
 from mapd.errors import MapdError
 
-REPO_CONFIGS = ["configs/offline-default.yaml", "configs/paper-committee.yaml", "configs/vllm-committee.yaml"]
+REPO_CONFIGS = ["configs/offline-default.yaml", "configs/paper-committee.yaml", "configs/vllm-committee.yaml",
+                "configs/multi-gpu-7b.yaml", "configs/lora-one-gpu.yaml"]
 
 
 @pytest.mark.parametrize("name", REPO_CONFIGS)
@@ -16,6 +17,28 @@ def test_example_configs_are_valid(name):
 
     config = load_config(REPO / name)
     assert config.teachers, "every example config has a committee"
+
+
+def test_every_mapd_config_in_configs_is_listed():
+    from tests.conftest import REPO
+
+    assert sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml")) == sorted(REPO_CONFIGS)
+
+
+@pytest.mark.parametrize("name", ["configs/accelerate/fsdp.yaml", "configs/accelerate/zero3.yaml"])
+def test_accelerate_configs_load(name):
+    """The accelerate files (not mapd configs) load in accelerate, and every key of their plugin section
+    is an `accelerate launch` option (accelerate checks only the top-level keys itself)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    from tests.conftest import REPO
+
+    config = load_config_from_file(str(REPO / name))
+    assert config.mixed_precision == "bf16"
+    options = {action.dest for action in launch_command_parser()._actions}
+    section = config.fsdp_config if config.distributed_type.value == "FSDP" else config.deepspeed_config
+    assert section and set(section) <= options, set(section) - options
 
 
 def test_every_field_has_help_text():

@@ -49,15 +49,22 @@ def _stage(run, folder, config, **extra) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from mapd.config import PromptConfig
+    from pydantic import ValidationError
+
+    from mapd.config import PromptConfig, StudentConfig
     from mapd.evaluate import evaluate_model
     from mapd.layout import EvalLayout
 
     out = EvalLayout(Path(args.out))
     check_folder(out.dir, [out.predictions, out.metrics])  # before the model loads, not after it answered
-    evaluate_model(out, model=args.model, task=_task_config(args), split=args.split,
-                   limit=args.limit, prompts=PromptConfig(), batch_size=args.batch_size,
-                   max_new_tokens=args.max_new_tokens)
+    try:
+        student = StudentConfig(model=args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                serve=args.serve, base_url=args.base_url, api_key_env=args.api_key_env,
+                                max_concurrency=args.max_concurrency)
+    except ValidationError as exc:
+        raise MapdError(f"eval: {exc.errors()[0]['msg']}") from None
+    evaluate_model(out, student=student, task=_task_config(args), split=args.split, limit=args.limit,
+                   prompts=PromptConfig())
 
 
 # The stage commands below check their folder first (a file there, or another command writing it, is
@@ -192,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_at_least_one, default=16)
     p.add_argument("--max-new-tokens", type=_at_least_one, default=512)
     p.add_argument("--out", default="eval-out", help="Output folder for predictions.jsonl and metrics.json.")
+    p.add_argument("--serve", help="Generate with a server mapd starts: a command template with {model}, {port} "
+                                   "and {name}, e.g. 'vllm serve {model} --port {port} --served-model-name {name}'.")
+    p.add_argument("--base-url", help="Generate with an OpenAI-compatible server already running (--model: its name).")
+    p.add_argument("--api-key-env", help="With --base-url: the environment variable holding the server's key.")
+    p.add_argument("--max-concurrency", type=_at_least_one, default=64, help="Served: requests in flight at once.")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("mine", help="Collect the student's mistakes on the train split.")

@@ -247,8 +247,36 @@ class StudentConfig(BaseModel):
     batch_size: int = Field(16, ge=1, json_schema_extra=OPERATIONAL,
                             description="Prompts generated together (mining and evaluation).")
     seed: int = Field(731, ge=0, lt=2**32, description="Seed of the mining samples when temperature > 0.")
+    serve: str | None = Field(
+        None,
+        description="Generate with a serving engine that mapd starts and stops: a command template with {model}, "
+        "{port} and {name}, e.g. 'vllm serve {model} --port {port} --served-model-name {name}' or "
+        "'transformers serve {model} --port {port} --continuous-batching'. Unset (and no base_url): in-process.",
+    )
+    base_url: str | None = Field(
+        None, json_schema_extra=OPERATIONAL,
+        description="Generate with an OpenAI-compatible server that is already running (e.g. a vLLM fleet behind "
+        "a load balancer); model is then the name it serves.",
+    )
+    api_key_env: EnvName | None = Field(
+        None, json_schema_extra=OPERATIONAL, description="With base_url: the variable holding the server's key.")
+    max_concurrency: int = Field(
+        64, ge=1, json_schema_extra=OPERATIONAL, description="Served generation: requests in flight at once.")
+    ready_timeout_s: float = Field(
+        900, gt=0, json_schema_extra=OPERATIONAL, description="serve: seconds to wait for the server to be ready.")
 
     model_config = {"extra": "forbid"}
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> "StudentConfig":
+        if self.serve and self.base_url:
+            raise ValueError("set serve (mapd starts the server) or base_url (a server already running), not both")
+        return self
+
+    @property
+    def served(self) -> bool:
+        """Whether generation goes to a server (through the call path) rather than in-process."""
+        return bool(self.serve or self.base_url)
 
 
 class BuildConfig(BaseModel):

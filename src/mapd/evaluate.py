@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
@@ -17,7 +16,9 @@ from mapd.answers import extract, is_correct
 from mapd.config import PromptConfig, StudentConfig, TaskConfig
 from mapd.layout import EvalLayout, RoundLayout
 from mapd.prompts import answer_messages
+from mapd.generation import Generation
 from mapd.records import Metrics, Prediction, write_document, write_records
+from mapd.student import served_answers
 from mapd.tasks import Example, get_task
 
 log = logging.getLogger("mapd.evaluate")
@@ -45,8 +46,14 @@ def evaluate(
             model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             batch_size=batch_size, seed=seed, on_batch=bar.update,
         )
+    return score(examples, outputs, answer_kind)
+
+
+def score(examples: list[Example], outputs: list[Generation], answer_kind: str) -> list[Prediction]:
+    """One prediction record per example: its answer (a text cut off at the token limit commits only
+    explicitly), status and correctness."""
     predictions = []
-    for example, output in zip(examples, outputs, strict=True):  # generate answers in input order
+    for example, output in zip(examples, outputs, strict=True):  # the outputs come in example order
         cut_off = output.finish_reason == "length"
         extraction = extract(output.text, answer_kind, example.options, complete=not cut_off)
         predictions.append(Prediction(
@@ -73,52 +80,51 @@ def metrics(predictions: list[Prediction], *, task: str, split: str, model: str,
 
 
 def predict_split(
-    model: str,
+    student: StudentConfig,
     task_config: TaskConfig,
     split: str,
     limit: int | None,
     prompts: PromptConfig,
     *,
-    gguf_file: str | None = None,
-    desc: str = "eval",
-    **generation_options: Any,
+    greedy: bool,
+    stage: str,
+    cache_path: Path,
+    log_path: Path,
+    desc: str,
 ) -> tuple[list[Prediction], float]:
-    """Load a task's split (first, so bad data fails before the model loads) and the model, then
-    :func:`evaluate`; returns the predictions and the seconds spent answering (model load excluded).
-    ``generation_options`` are evaluate()'s keywords (batch_size, max_new_tokens, temperature, ...)."""
+    """The student's scored answers on a task's split (loaded first, so bad data fails before any model),
+    and the seconds spent answering (loading excluded). Greedy, or sampled as ``student`` says; in-process,
+    or through the call path when ``student.serve`` / ``student.base_url`` is set (mapd.student)."""
     task = get_task(task_config)
     examples = task.load(split, limit)
-    loaded, tokenizer = generation.load_model(model, gguf_file)
+    if student.served:
+        outputs, seconds = served_answers(student, examples, task.answer_kind, prompts, greedy=greedy, stage=stage,
+                                          cache_path=cache_path, log_path=log_path, desc=desc)
+        return score(examples, outputs, task.answer_kind), seconds
+    sampling = {} if greedy else {"temperature": student.temperature, "top_p": student.top_p, "seed": student.seed}
+    loaded, tokenizer = generation.load_model(student.model, student.gguf_file)
     start = time.perf_counter()
-    predictions = evaluate(loaded, tokenizer, examples, task.answer_kind, prompts, desc=desc, **generation_options)
+    predictions = evaluate(loaded, tokenizer, examples, task.answer_kind, prompts, desc=desc,
+                           batch_size=student.batch_size, max_new_tokens=student.max_new_tokens, **sampling)
     return predictions, time.perf_counter() - start
 
 
-def evaluate_model(
-    out: EvalLayout,
-    *,
-    model: str,
-    task: TaskConfig,
-    split: str,
-    limit: int | None,
-    prompts: PromptConfig,
-    batch_size: int,
-    max_new_tokens: int,
-    gguf_file: str | None = None,
-) -> Metrics:
-    """Greedy evaluation of ``model`` on a split: writes predictions.jsonl and metrics.json, prints a
-    summary and returns the metrics."""
+def evaluate_model(out: EvalLayout, *, student: StudentConfig, task: TaskConfig, split: str, limit: int | None,
+                   prompts: PromptConfig, cache_path: str | Path | None = None) -> Metrics:
+    """Greedy evaluation of ``student.model`` on a split: writes predictions.jsonl and metrics.json, prints a
+    summary and returns the metrics. A served student's calls are cached in ``cache_path`` (default
+    ``out/cache.sqlite``) and its server writes ``out/server.log``."""
     predictions, seconds = predict_split(
-        model, task, split, limit, prompts, gguf_file=gguf_file, desc=f"eval {task.name}/{split}",
-        batch_size=batch_size, max_new_tokens=max_new_tokens,
+        student, task, split, limit, prompts, greedy=True, stage=f"eval {split}", desc=f"eval {task.name}/{split}",
+        cache_path=Path(cache_path) if cache_path else out.dir / "cache.sqlite", log_path=out.dir / "server.log",
     )
-    result = metrics(predictions, task=task.name, split=split, model=model, seconds=seconds)
+    result = metrics(predictions, task=task.name, split=split, model=student.model, seconds=seconds)
     write_records(out.predictions, predictions)
     write_document(out.metrics, result)
     print(f"{task.name}/{split}: accuracy {result.accuracy:.1%} (strict {result.strict_accuracy:.1%}, "
           f"unparsed {result.unparsed_rate:.1%}, cut off {result.cut_off_rate:.1%}) on {result.n} questions in "
           f"{seconds:.0f} s -> {out.dir}")
-    warn_if_cut_off(predictions, max_new_tokens)
+    warn_if_cut_off(predictions, student.max_new_tokens)
     return result
 
 
@@ -132,18 +138,16 @@ def warn_if_cut_off(predictions: list[Prediction], max_new_tokens: int) -> None:
                     cut, len(predictions), 100 * cut / len(predictions), max_new_tokens, truncated)
 
 
-def _evaluate_student(out: EvalLayout, model: str, gguf_file: str | None, task: TaskConfig, student: StudentConfig,
-                      prompts: PromptConfig) -> dict:
-    return evaluate_model(out, model=model, gguf_file=gguf_file, task=task, split=task.test_split,
-                          limit=task.test_limit, prompts=prompts, batch_size=student.batch_size,
-                          max_new_tokens=student.max_new_tokens).model_dump()
-
-
-def run_eval_before(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, prompts: PromptConfig) -> dict:
+def run_eval_before(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, prompts: PromptConfig,
+                    cache_path: str | None) -> dict:
     """The student before this round's training, on the test split: ``round/eval_before``."""
-    return _evaluate_student(folder.eval_before, student.model, student.gguf_file, task, student, prompts)
+    return evaluate_model(folder.eval_before, student=student, task=task, split=task.test_split,
+                          limit=task.test_limit, prompts=prompts, cache_path=cache_path).model_dump()
 
 
-def run_eval_after(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, prompts: PromptConfig) -> dict:
+def run_eval_after(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, prompts: PromptConfig,
+                   cache_path: str | None) -> dict:
     """The student this round trained (``round/model``), on the test split: ``round/eval_after``."""
-    return _evaluate_student(folder.eval_after, str(folder.model), None, task, student, prompts)
+    trained = student.model_copy(update={"model": str(folder.model), "gguf_file": None})
+    return evaluate_model(folder.eval_after, student=trained, task=task, split=task.test_split,
+                          limit=task.test_limit, prompts=prompts, cache_path=cache_path).model_dump()

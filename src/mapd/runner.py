@@ -42,6 +42,7 @@ from mapd.errors import IncompleteStage, MapdError
 from mapd.io import folder_lock, read_json, write_json
 from mapd.layout import RoundLayout, RunLayout
 from mapd.models import check_local_teachers, resolve_model
+from mapd.student import server_pool
 
 # 2: per-stage fingerprints, "incomplete" stages, "superseded" moves. A version-1 manifest is read
 # as though every stage of its configured rounds had run: operational changes are accepted, any
@@ -353,10 +354,11 @@ def run(config_path: str | None, out: Path | None = None, start: str | None = No
         )
     run_dir = RunLayout(out or default_run_dir(config_path))
     # a mistyped local model path fails now, not after the stages before the one that loads it
-    resolve_model(config.student.model, config.student.gguf_file)
+    if not config.student.base_url:  # a running server's model is only a name
+        resolve_model(config.student.model, config.student.gguf_file)
     check_local_teachers(config.teachers)
     stages = _stages()
-    with folder_lock(run_dir.dir):
+    with folder_lock(run_dir.dir), server_pool() as servers:  # a served student: started once, kept between stages
         manifest = Manifest(run_dir, config, stages, start=start, config_path=config_path)
         if config.cache_path is None:
             config = config.model_copy(update={"cache_path": str(run_dir.cache)})
@@ -365,6 +367,8 @@ def run(config_path: str | None, out: Path | None = None, start: str | None = No
             for stage in stages:
                 if stage.first_round_only and round_index > 0:
                     continue
+                if stage.name == "train":
+                    servers.stop()  # training needs the device the student's server holds
                 summary = _run_stage(manifest, round_index, stage, folder, config)
                 if stage.name == "mine" and summary and summary.get("correct") == summary.get("n"):
                     print(f"[round {round_index}] the student made no mistakes on the train split: nothing to teach")

@@ -55,9 +55,11 @@ _COLUMNS = "text, error, input_tokens, output_tokens, latency_s, attempts, finis
 _ADDED = {"finish_reason": "TEXT", "cost_usd": "REAL"}  # columns a version-1 file made before them lacks
 
 
-def cache_key(teacher: TeacherConfig, call: Call) -> str:
-    """sha256 of a canonical JSON of everything that decides the reply (no URL, no key)."""
-    identity = {
+def cache_key(teacher: TeacherConfig, call: Call, identity: str | None = None) -> str:
+    """sha256 of a canonical JSON of everything that decides the reply (no URL, no key). ``identity`` names
+    the weights behind a served model (a checkpoint's fingerprint), so a trained student is never answered
+    from its base model's calls."""
+    fields = {
         "provider": teacher.provider,
         "model": teacher.model,
         "gguf_file": teacher.gguf_file,
@@ -68,7 +70,9 @@ def cache_key(teacher: TeacherConfig, call: Call) -> str:
         "extra_body": teacher.extra_body,
         "sample": call.key.sample,
     }
-    canonical = json.dumps(identity, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    if identity is not None:
+        fields["identity"] = identity
+    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

@@ -142,8 +142,10 @@ class Dispatcher:
         max_budget_usd: float | None = None,
         dry_run: bool = False,
         backoff: Backoff = Backoff(),
+        identities: dict[str, str] | None = None,
     ) -> None:
         self.teachers = {teacher.name: teacher for teacher in teachers}
+        self.identities = identities or {}  # model name -> the checkpoint behind it, part of its cache keys
         self.cache = cache
         self.max_budget_usd = max_budget_usd
         self.dry_run = dry_run
@@ -243,7 +245,7 @@ class Dispatcher:
         if name not in self.teachers:
             raise MapdError(f"{call.key}: unknown teacher '{name}' (teachers: {', '.join(self.teachers) or 'none'})")
         teacher = self.teachers[name]
-        key = cache_key(teacher, call)
+        key = cache_key(teacher, call, self.identities.get(name))
         if self._bar is not None:
             self._bar.total += 1
             self._bar.refresh()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from contextlib import nullcontext
 
@@ -28,18 +29,18 @@ def mine(predictions: list[Prediction]) -> list[Mistake]:
 
 
 def run_mine(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, prompts: PromptConfig,
-             lock: bool = False) -> dict:
+             cache_path: str | None = None, lock: bool = False) -> dict:
     """Answer the train split with ``student`` (greedy or sampled as it says), write folder/mistakes.jsonl,
     print and return ``{n, correct, wrong, unparsed, truncated, accuracy, seconds}``. The data and the model path are
     checked before anything is made; then ``lock`` (``mapd mine``) holds the folder's lock while it works."""
     get_task(task).load(task.train_split, task.train_limit)  # bad data fails here, before the folder is made
-    resolve_model(student.model, student.gguf_file)  # and so does a mistyped model path
+    if not student.base_url:  # and so does a mistyped model path (a running server's model is only a name)
+        resolve_model(student.model, student.gguf_file)
     check_folder(folder.dir, [folder.mistakes])
     with folder_lock(folder.dir) if lock else nullcontext():
         predictions, seconds = predict_split(
-            student.model, task, task.train_split, task.train_limit, prompts, gguf_file=student.gguf_file,
-            desc="mine", batch_size=student.batch_size, max_new_tokens=student.max_new_tokens,
-            temperature=student.temperature, top_p=student.top_p, seed=student.seed,
+            student, task, task.train_split, task.train_limit, prompts, greedy=False, stage="mine", desc="mine",
+            cache_path=Path(cache_path) if cache_path else folder.default_cache, log_path=folder.dir / "server.log",
         )
         mistakes = mine(predictions)
         write_records(folder.mistakes, mistakes)

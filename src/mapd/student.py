@@ -1,0 +1,137 @@
+"""The student's answers (mining and evaluation): generated in-process, the default, or by a serving
+engine through the same keyed call path as the teachers (cache, concurrency, retries, statistics).
+
+``student.serve`` is a command that mapd starts and stops (mapd.serve); ``student.base_url`` is a
+server that is already running. Servers are kept by a :func:`server_pool` while ``mapd run`` needs
+them (eval before training and mining share one) and stopped before training needs the GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+
+from mapd.config import PromptConfig, StudentConfig, TeacherConfig
+from mapd.errors import IncompleteStage
+from mapd.generation import Generation
+from mapd.llm import Call, CallCache, CallKey, Dispatcher
+from mapd.prompts import answer_messages
+from mapd.tasks import Example
+
+STUDENT = "student"  # the name of the student's endpoint in call keys and statistics
+
+
+def checkpoint_identity(model: str, gguf_file: str | None = None) -> str:
+    """What names the weights: for a local file or folder, its path with the names, sizes and modification
+    times of its files (a checkpoint retrained in place is another identity); otherwise the name itself."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return f"{model}:{gguf_file or ''}"
+    files = sorted(p for p in ([path] if path.is_file() else path.iterdir()) if p.is_file())
+    listing = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join([str(path.resolve()), gguf_file or "", *listing]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the student's requests go, and the model name they carry."""
+
+    base_url: str
+    model_name: str
+
+
+class ServerPool:
+    """Student servers kept running between stages, one per (command, model); all stopped by :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, str], tuple[object, object]] = {}  # key -> (context manager, server)
+
+    def get(self, command: str, model: str, log_path: Path, ready_timeout_s: float):
+        """The server for ``model``, started with ``command`` unless it already runs (any other is stopped)."""
+        from mapd.serve import served
+
+        key = (command, model)
+        if key in self._open:
+            server = self._open[key][1]
+            server.check()
+            return server
+        self.stop()  # one student server at a time: the device belongs to the model in use
+        context = served(command, model, name=STUDENT, log_path=log_path, ready_timeout_s=ready_timeout_s)
+        self._open[key] = (context, context.__enter__())
+        return self._open[key][1]
+
+    def stop(self) -> None:
+        """Stop every server of the pool (and its whole process group)."""
+        while self._open:
+            _, (context, _) = self._open.popitem()
+            context.__exit__(None, None, None)
+
+
+_pool: ContextVar[ServerPool | None] = ContextVar("mapd_student_servers", default=None)
+
+
+@contextmanager
+def server_pool() -> Iterator[ServerPool]:
+    """Keep student servers across the stages run inside the block; stop them all when it ends."""
+    pool = ServerPool()
+    token = _pool.set(pool)
+    try:
+        yield pool
+    finally:
+        _pool.reset(token)
+        pool.stop()
+
+
+@contextmanager
+def endpoint(student: StudentConfig, log_path: Path) -> Iterator[Endpoint]:
+    """The running server for ``student``: its base_url, or the one ``student.serve`` starts (kept by the
+    current :func:`server_pool`, else stopped when the block ends)."""
+    if student.base_url:
+        yield Endpoint(student.base_url, student.model)
+        return
+    from mapd.serve import servable, served
+
+    model = servable(student.model, student.gguf_file)
+    pool = _pool.get()
+    if pool is not None:
+        server = pool.get(student.serve, model, log_path, student.ready_timeout_s)
+        yield Endpoint(server.base_url, server.model_name)
+        return
+    with served(student.serve, model, name=STUDENT, log_path=log_path,
+                ready_timeout_s=student.ready_timeout_s) as server:
+        yield Endpoint(server.base_url, server.model_name)
+
+
+def served_answers(student: StudentConfig, examples: list[Example], answer_kind: str, prompts: PromptConfig, *,
+                   greedy: bool, stage: str, cache_path: Path, log_path: Path, desc: str
+                   ) -> tuple[list[Generation], float]:
+    """Each example's answer from the student's server, in example order, and the seconds it took. Every
+    request carries its key (stage, example id); the cache key includes the checkpoint's identity.
+    A call that fails after its retries makes the stage incomplete (what was answered stays cached)."""
+    sampling = not greedy and student.temperature > 0
+    with endpoint(student, log_path) as where, CallCache(cache_path) as cache:
+        config = TeacherConfig(
+            name=STUDENT, model=where.model_name, base_url=where.base_url, api_key_env=student.api_key_env,
+            temperature=student.temperature if sampling else 0.0, top_p=student.top_p if sampling else 1.0,
+            max_tokens=student.max_new_tokens, max_concurrency=student.max_concurrency,
+            extra_body={"seed": student.seed} if sampling else {},
+        )
+        identity = checkpoint_identity(student.model, student.gguf_file)
+        calls = {example.id: Call(CallKey(stage, example.id, STUDENT), answer_messages(prompts, example.question,
+                                                                                     answer_kind))
+                 for example in examples}
+        began = time.perf_counter()
+        with Dispatcher([config], cache, identities={STUDENT: identity}) as dispatcher:
+            results = dispatcher.complete_all(list(calls.values()), desc)
+        seconds = time.perf_counter() - began
+    failed = [result for result in results.values() if result.text is None]
+    if failed:
+        raise IncompleteStage(f"{stage}: {len(failed)} of {len(calls)} student calls failed (the first: "
+                              f"{failed[0].key}: {failed[0].error}); rerun to make only those")
+    return [Generation(r.text, r.input_tokens, r.output_tokens, r.finish_reason or "stop")
+            for r in (results[calls[example.id].key] for example in examples)], seconds

@@ -1,0 +1,76 @@
+"""The student on a server: generation through the keyed call path, cached by checkpoint identity."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from tests.openai_server import FakeOpenAIServer
+
+from mapd.cli import main
+from mapd.config import PromptConfig, StudentConfig
+from mapd.layout import EvalLayout
+from mapd.records import Prediction, read_records
+from mapd.student import checkpoint_identity
+
+ROWS = [{"id": i + 1, "question": f"What is {i} + 7 - {i}?", "final": 7} for i in range(6)]
+
+
+def answer_seven(messages: list[dict], model: str) -> str:
+    return f"{model}: {messages[-1]['content'][:20]} ... The answer is 7."
+
+
+def write_data(folder) -> None:
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+
+
+def test_eval_with_a_running_server_goes_through_the_call_path(tmp_path, capsys):
+    write_data(tmp_path / "data")
+    argv = ["eval", "--model", "my-student", "--task", "svamp", "--data", str(tmp_path / "data"), "--out",
+            str(tmp_path / "out"), "--max-new-tokens", "32"]
+    with FakeOpenAIServer(answer_seven) as server:
+        assert main([*argv, "--base-url", server.base_url]) == 0
+        bodies = list(server.bodies)
+        server.reset()
+        assert main([*argv, "--base-url", server.base_url]) == 0  # answered from the cache
+        assert server.requests == 0
+    assert len(bodies) == len(ROWS) and all(b["model"] == "my-student" and b["temperature"] == 0.0
+                                            and b["max_tokens"] == 32 for b in bodies)
+    # the student sees exactly the prompt of in-process evaluation
+    from mapd.prompts import answer_messages
+    assert bodies[0]["messages"] == answer_messages(PromptConfig(), ROWS[0]["question"], "number")
+    predictions = read_records(EvalLayout(tmp_path / "out").predictions, Prediction)
+    assert [p.id for p in predictions] == [str(i) for i in range(1, 7)] and all(p.correct for p in predictions)
+    assert all(p.cut_off is False for p in predictions)  # the server's finish_reason "stop"
+    assert "accuracy 100.0%" in capsys.readouterr().out
+
+
+def test_a_failed_student_call_makes_eval_incomplete_and_writes_nothing(tmp_path):
+    write_data(tmp_path / "data")
+    with FakeOpenAIServer(answer_seven, fault_rate=1.0, faults=("bad_request",)) as server:
+        code = main(["eval", "--model", "m", "--task", "svamp", "--data", str(tmp_path / "data"), "--out",
+                     str(tmp_path / "out"), "--base-url", server.base_url])
+    assert code == 3 and not (tmp_path / "out" / "predictions.jsonl").exists()
+
+
+def test_serve_and_base_url_are_exclusive(tmp_path, capsys):
+    code = main(["eval", "--model", "m", "--task", "svamp", "--out", str(tmp_path / "out"),
+                 "--serve", "x {model} {port}", "--base-url", "http://127.0.0.1:9/v1"])
+    assert code == 2 and "not both" in capsys.readouterr().err
+
+
+def test_a_checkpoint_trained_in_place_has_a_new_identity(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    first = checkpoint_identity(str(folder))
+    assert checkpoint_identity(str(folder)) == first
+    time.sleep(0.01)
+    (folder / "model.safetensors").write_bytes(b"trained")
+    os.utime(folder / "model.safetensors")
+    assert checkpoint_identity(str(folder)) != first
+    assert checkpoint_identity("org/hub-model") == checkpoint_identity("org/hub-model") != first
+    assert StudentConfig(base_url="http://x/v1").served and not StudentConfig().served
