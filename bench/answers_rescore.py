@@ -3,6 +3,7 @@
     python bench/answers_rescore.py --run runs/default          # a run folder (e.g. the embedded default)
     python bench/answers_rescore.py --run A --run B --show      # several folders; print every changed text
     python bench/answers_rescore.py --no-reference --run A      # skip the reference data
+    python bench/answers_rescore.py --predictions runs/reproduce-svamp/method/eval/predictions.jsonl
 
 The OLD extractor is this repository's ``src/mapd/answers.py`` at ``--old`` (default 60914a2, the commit
 before the cut-off work), read with ``git show`` into a temporary file and imported as
@@ -22,6 +23,12 @@ The reference data (../shared/reference-data or $MAPD_REFERENCE_DATA; what docs/
 trains on) is imported with ``mapd import-reference`` into a temporary folder: the 387 SVAMP and
 825 StrategyQA recorded student "mistakes" of Llama-2-7B and the 1,161 SVAMP teacher rationales. They
 carry no cut-off flag, so the new extractor judges from the text.
+
+``--predictions`` rescores loose predictions.jsonl files the same way (``cut_off`` from each record,
+else judged from the text), e.g. each variant of bench/reproduce_svamp.py. Last, the two labelled
+sets (tests/data/answers_cutoff.jsonl, tests/data/labelled_answers.jsonl): agreement with a person,
+old against new, and on the cut-off set the accuracy against the gold. The figures are in
+docs/answers.md ("What the new extractor changes").
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ class Grader:
         self.old = old
 
     def old_(self, text: str | None, kind: str, options=None) -> tuple[str | None, str, bool]:
-        """(answer, status, correct-callable input) of the old extractor."""
+        """(answer, status, strict) of the old extractor; status "failed" for a failed call (no text)."""
         if text is None:
             return None, "failed", False
         e = self.old.extract(text, kind, options)
@@ -78,6 +85,7 @@ class Grader:
 
     @staticmethod
     def new_(text: str | None, kind: str, options=None, complete: bool | None = None):
+        """(answer, status, strict) of the new extractor, told ``complete`` (None: it judges from the text)."""
         if text is None:
             return None, "failed", False
         e = new.extract(text, kind, options, complete=complete)
@@ -121,14 +129,18 @@ class CutOff:
         self.cache: dict[tuple[str, str], str | None] = {}
         cache = run / "cache.sqlite"
         if cache.is_file():
-            with sqlite3.connect(f"file:{cache}?mode=ro", uri=True) as db:
+            db = sqlite3.connect(f"file:{cache}?mode=ro", uri=True)  # read only: the run's cache is not ours
+            try:
                 columns = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
                 if "finish_reason" in columns:
-                    for teacher, text, reason, tokens in db.execute(
-                            "SELECT teacher, text, finish_reason, output_tokens FROM calls WHERE text IS NOT NULL"):
+                    for teacher, text, reason in db.execute(
+                            "SELECT teacher, text, finish_reason FROM calls WHERE text IS NOT NULL"):
                         self.cache[(teacher, text)] = reason
+            finally:
+                db.close()
         self.tokenizers: dict[str, object] = {}
         self.sources: Counter = Counter()
+        self.recorded_vs_count: Counter = Counter()
 
     def _tokenizer(self, model: str):
         if model not in self.tokenizers:
@@ -154,6 +166,9 @@ class CutOff:
             return None
         if record.get("cut_off") is not None:
             self.sources["record"] += 1
+            count = self.tokens(model, text) if model else None
+            if count is not None:  # how far the token count alone could be trusted
+                self.recorded_vs_count[(count >= limit) == record["cut_off"]] += 1
             return bool(record["cut_off"])
         if teacher is not None and (teacher, text) in self.cache and self.cache[(teacher, text)]:
             self.sources["call cache"] += 1
@@ -212,6 +227,61 @@ def transitions(rows: list[tuple[str, str]]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in kinds.most_common()) or "none"
 
 
+PREDICTION_HEADERS = ["predictions", "n", "cut off", "accuracy as recorded", "old", "new", "new, from text",
+                      "old: no answer", "new: unparsed / truncated", "answers that changed (old -> new)"]
+
+
+def rescore_predictions(name: str, records: list[dict], kind: str, options: dict, grader: Grader, *, cut,
+                        show: bool) -> tuple[dict, list]:
+    """Accuracy of one predictions.jsonl as recorded, old, new (told ``cut(record)``) and new from the text."""
+    r = Counter()
+    changes, moved = [], []
+    for p in records:
+        opts = options.get(p["id"])
+        o_ans, o_status, _ = grader.old_(p["output"], kind, opts)
+        c = cut(p)
+        n_ans, n_status, _ = grader.new_(p["output"], kind, opts, None if c is None else not c)
+        t_ans, t_status, _ = grader.new_(p["output"], kind, opts, None)
+        r["n"] += 1
+        r["recorded"] += bool(p.get("correct"))
+        r["old"] += grader.old_right(o_ans, p["gold"], kind)
+        r["new"] += grader.new_right(n_ans, p["gold"], kind)
+        r["text"] += grader.new_right(t_ans, p["gold"], kind)
+        r["cut_off"] += bool(c)
+        r["cut_off_unknown"] += c is None
+        r["old_none"] += o_status != "ok"
+        r["new_unparsed"] += n_status == "unparsed"
+        r["new_truncated"] += n_status == "truncated"
+        moved.append((shown(o_ans, o_status), shown(n_ans, n_status)))
+        if shown(o_ans, o_status) != shown(n_ans, n_status):
+            changes.append(f"    {name} {p['id']}: {shown(o_ans, o_status)} -> {shown(n_ans, n_status)} "
+                           f"(gold {p['gold']}, cut off {c}): {short(p['output'])}")
+    if show:
+        print("\n".join(changes))
+    cut_cell = pct(r["cut_off"], r["n"]) + (f", {r['cut_off_unknown']} unknown" if r["cut_off_unknown"] else "")
+    row = [name, r["n"], cut_cell, pct(r["recorded"], r["n"]), pct(r["old"], r["n"]),
+           pct(r["new"], r["n"]), pct(r["text"], r["n"]), r["old_none"],
+           f"{r['new_unparsed']} / {r['new_truncated']}", transitions(moved)]
+    return dict(r, changes=transitions(moved)), row
+
+
+def rescore_files(paths: list[Path], grader: Grader, *, show: bool) -> dict:
+    """Loose predictions.jsonl files (e.g. bench/reproduce_svamp.py's <variant>/eval/predictions.jsonl):
+    cut-off from each record's ``cut_off``, else judged from the text; choice options are not known here."""
+    from mapd.report import answer_kind
+
+    out, rows = {}, []
+    print("\n## Predictions files")
+    for path in paths:
+        records = read_jsonl(path)
+        kind = answer_kind(None, [p["gold"] for p in records])
+        r, row = rescore_predictions(str(path), records, kind, {}, grader, show=show, cut=lambda p: p.get("cut_off"))
+        out[str(path)] = r
+        rows.append(row)
+    print(table(PREDICTION_HEADERS, rows))
+    return out
+
+
 def rescore_run(run: Path, grader: Grader, *, use_tokenizer: bool, show: bool) -> dict:
     from mapd.report import answer_kind
 
@@ -240,36 +310,13 @@ def rescore_run(run: Path, grader: Grader, *, use_tokenizer: bool, show: bool) -
                 continue
             model = student["model"] if name == "eval_before" else str(round_dir / "model")
             options = options_by_id(config, config["task"].get("test_split", "test"), kind)
-            r = Counter()
-            changes, moved = [], []
-            for p in records:
-                opts = options.get(p["id"])
-                o_ans, o_status, _ = grader.old_(p["output"], kind, opts)
-                c = cut.of(p, p["output"], model=model, limit=student["max_new_tokens"])
-                n_ans, n_status, _ = grader.new_(p["output"], kind, opts, None if c is None else not c)
-                t_ans, t_status, _ = grader.new_(p["output"], kind, opts, None)
-                r["n"] += 1
-                r["recorded"] += bool(p.get("correct"))
-                r["old"] += grader.old_right(o_ans, p["gold"], kind)
-                r["new"] += grader.new_right(n_ans, p["gold"], kind)
-                r["text"] += grader.new_right(t_ans, p["gold"], kind)
-                r["cut_off"] += bool(c)
-                r["old_none"] += o_status != "ok"
-                r["new_unparsed"] += n_status == "unparsed"
-                r["new_truncated"] += n_status == "truncated"
-                moved.append((shown(o_ans, o_status), shown(n_ans, n_status)))
-                if shown(o_ans, o_status) != shown(n_ans, n_status):
-                    changes.append(f"    {name} {p['id']}: {shown(o_ans, o_status)} -> {shown(n_ans, n_status)} "
-                                   f"(gold {p['gold']}, cut off {c}): {short(p['output'])}")
-            result[name] = dict(r, changes=transitions(moved))
-            rows.append([name, r["n"], pct(r["cut_off"], r["n"]), pct(r["recorded"], r["n"]), pct(r["old"], r["n"]),
-                         pct(r["new"], r["n"]), pct(r["text"], r["n"]), r["old_none"],
-                         f"{r['new_unparsed']} / {r['new_truncated']}", transitions(moved)])
-            if show:
-                print("\n".join(changes))
+            r, row = rescore_predictions(name, records, kind, options, grader, show=show,
+                                         cut=lambda p: cut.of(p, p["output"], model=model,
+                                                              limit=student["max_new_tokens"]))
+            result[name] = r
+            rows.append(row)
         if rows:
-            print(table(["predictions", "n", "cut off", "accuracy as recorded", "old", "new", "new, from text",
-                         "old: no answer", "new: unparsed / truncated", "answers that changed (old -> new)"], rows))
+            print(table(PREDICTION_HEADERS, rows))
 
         # --- mistakes
         if mistakes:
@@ -285,16 +332,20 @@ def rescore_run(run: Path, grader: Grader, *, use_tokenizer: bool, show: bool) -
                 m["new_mistake"] += not grader.new_right(n_ans, x["gold"], kind)
                 m[f"recorded {x.get('status', 'wrong')}"] += 1
                 m[f"old {'wrong' if o_status == 'ok' else o_status}"] += 1
-                m[f"new {'wrong' if n_status == 'ok' and not grader.new_right(n_ans, x['gold'], kind) else ('right' if n_status == 'ok' else n_status)}"] += 1
+                if n_status != "ok":
+                    m[f"new {n_status}"] += 1
+                else:
+                    m["new right" if grader.new_right(n_ans, x["gold"], kind) else "new wrong"] += 1
                 moved.append((shown(o_ans, o_status), shown(n_ans, n_status)))
                 if shown(o_ans, o_status) != shown(n_ans, n_status):
                     lines.append(f"    mistake {x['id']}: {shown(o_ans, o_status)} -> {shown(n_ans, n_status)} "
                                  f"(gold {x['gold']}, cut off {c}): {short(x['output'])}")
             result["mistakes"] = dict(m, changes=transitions(moved))
-            print(f"\nmistakes.jsonl: {m['n']} recorded ({', '.join(f'{k}: {v}' for k, v in sorted(m.items()) if k.startswith('recorded'))}); "
-                  f"cut off {m['cut_off']}; still mistakes: old {m['old_mistake']}, new {m['new_mistake']}; "
-                  f"old: {m['old wrong']} wrong, {m['old unparsed']} unparsed; new: {m['new wrong']} wrong, "
-                  f"{m['new unparsed']} unparsed, {m['new truncated']} truncated, {m['new right']} right (not a mistake); "
+            recorded = ", ".join(f"{k}: {v}" for k, v in sorted(m.items()) if k.startswith("recorded"))
+            print(f"\nmistakes.jsonl: {m['n']} recorded ({recorded}); cut off {m['cut_off']}; still mistakes: "
+                  f"old {m['old_mistake']}, new {m['new_mistake']}; old: {m['old wrong']} wrong, "
+                  f"{m['old unparsed']} unparsed; new: {m['new wrong']} wrong, {m['new unparsed']} unparsed, "
+                  f"{m['new truncated']} truncated, {m['new right']} right (not a mistake); "
                   f"answers that changed: {transitions(moved)}")
             if show:
                 print("\n".join(lines))
@@ -309,8 +360,10 @@ def rescore_run(run: Path, grader: Grader, *, use_tokenizer: bool, show: bool) -
     out["cut_off_sources"] = dict(cut.sources)
     check = cut.check_token_counts() if use_tokenizer else None
     out["token_count_vs_cache"] = check
-    print(f"\ncut-off flags from: {dict(cut.sources)}; re-encoded token count agrees with the call cache's "
-          f"finish_reason on {check} teacher texts")
+    agree = cut.recorded_vs_count
+    out["token_count_vs_record"] = f"{agree[True]} / {agree[True] + agree[False]}" if agree else None
+    print(f"\ncut-off flags from: {dict(cut.sources)}; the re-encoded token count agrees with the call cache's "
+          f"finish_reason on {check} teacher texts and with the records' cut_off on {out['token_count_vs_record']}")
     return out
 
 
@@ -338,23 +391,24 @@ def gold_check(rationales: list[dict], golds: dict[str, str], kind: str, grader:
         t["changed"] += shown(o_ans, o_status) != shown(n_ans, n_status)
         r["n"] += 1
         r["cut_off"] += bool(c)
-        r["recorded_differs"] += ("answer" in x and x["answer"] != n_ans)
+        r["judged_cut_off"] += new.unfinished(x["text"])
         r["new_truncated"] += n_status == "truncated"
         r["new_unparsed"] += n_status == "unparsed"
         r["old_none"] += o_status != "ok"
         moved.append((shown(o_ans, o_status), shown(n_ans, n_status)))
         if shown(o_ans, o_status) != shown(n_ans, n_status):
-            lines.append(f"    rationale {x['id']}/{x['teacher']}: {shown(o_ans, o_status)} -> {shown(n_ans, n_status)} "
-                         f"(gold {gold}, accepted {x['accepted']}, cut off {c}): {short(x['text'])}")
+            lines.append(f"    rationale {x['id']}/{x['teacher']}: {shown(o_ans, o_status)} -> "
+                         f"{shown(n_ans, n_status)} (gold {gold}, accepted {x['accepted']}, cut off {c}): "
+                         f"{short(x['text'])}")
     rows = []
     for name, label in (("old", "old"), ("new", "new"), ("text", "new, from text")):
         k = cells[name]
         acc, rej = k[True, True] + k[True, False], k[False, True] + k[False, False]
         rows.append([label, k[True, True] + k[False, True], f"{k[True, False]} of {acc}", f"{k[False, True]} of {rej}",
                      pct(k[True, True], acc), pct(k[True, True], k[True, True] + k[False, True])])
-    print(f"\nrationales: {r['n']} written, cut off {r['cut_off']}; answer changed on {sum(a != b for a, b in moved)} "
-          f"({transitions(moved)}); old: {r['old_none']} without an answer; new: {r['new_unparsed']} unparsed, "
-          f"{r['new_truncated']} truncated")
+    print(f"\nrationales: {r['n']} written, cut off {r['cut_off']} (judged from the text: {r['judged_cut_off']}); "
+          f"answer changed on {sum(a != b for a, b in moved)} ({transitions(moved)}); old: {r['old_none']} without "
+          f"an answer; new: {r['new_unparsed']} unparsed, {r['new_truncated']} truncated")
     print(table(["extractor", "answer right", "accepted but wrong", "rejected but right", "precision of acceptance",
                  "recall"], rows))
     print(table(["teacher", "rationales", "right (old)", "right (new)", "answer changed"],
@@ -460,16 +514,22 @@ def rescore_labelled(grader: Grader) -> dict:
             got = {"old": grader.old_(r["text"], r["kind"], opts)[0],
                    "new": grader.new_(r["text"], r["kind"], opts, not r["cut_off"])[0],
                    "text": grader.new_(r["text"], r["kind"], opts, None)[0]}
-            for key in ("all", r["model"], r["task"], "cut off" if r["cut_off"] else "finished"):
+            for key in ("all", r["model"], r["task"], f"{r['model']}/{r['task']}",
+                        "cut off" if r["cut_off"] else "finished"):
                 row = rows.setdefault(key, Counter())
                 row["n"] += 1
                 for name, answer in got.items():
                     row[name] += answer == r["label"]
+                row["old gold"] += grader.old_right(got["old"], r["gold"], r["kind"])
+                row["new gold"] += grader.new_right(got["new"], r["gold"], r["kind"])
         out["cutoff_set"] = {k: dict(v) for k, v in rows.items()}
-        order = ["all", *cutoff.MODELS, *cutoff.TASKS, "cut off", "finished"]
+        order = ["all", *cutoff.MODELS, *cutoff.TASKS, *(f"{m}/{t}" for m in cutoff.MODELS for t in cutoff.TASKS),
+                 "cut off", "finished"]
         print(f"\n## The labelled cut-off set ({cutoff.SET.relative_to(REPO)}): agreement with a person")
-        print(table(["group", "n", "old", "new (complete given)", "new, from text"],
-                    [[k, v["n"], pct(v["old"], v["n"]), pct(v["new"], v["n"]), pct(v["text"], v["n"])]
+        print(table(["group", "n", "old", "new (complete given)", "new, from text", "accuracy vs gold: old",
+                     "accuracy vs gold: new"],
+                    [[k, v["n"], pct(v["old"], v["n"]), pct(v["new"], v["n"]), pct(v["text"], v["n"]),
+                      pct(v["old gold"], v["n"]), pct(v["new gold"], v["n"])]
                      for k, v in sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)]))
     accuracy = _bench("answers_accuracy")
     ref = reference_dir()
@@ -495,6 +555,8 @@ def rescore_labelled(grader: Grader) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", default=[], type=Path, help="a run folder (repeatable)")
+    parser.add_argument("--predictions", action="append", default=[], type=Path,
+                        help="a loose predictions.jsonl, e.g. a bench/reproduce_svamp.py variant's (repeatable)")
     parser.add_argument("--old", default=OLD_REV, help="git revision of the old extractor (default %(default)s)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference data")
     parser.add_argument("--no-tokenizer", action="store_true",
@@ -508,6 +570,8 @@ def main() -> int:
     figures: dict = {"old": args.old, "runs": []}
     for run in args.run:
         figures["runs"].append(rescore_run(run, grader, use_tokenizer=not args.no_tokenizer, show=args.show))
+    if args.predictions:
+        figures["predictions"] = rescore_files(args.predictions, grader, show=args.show)
     if not args.no_reference:
         ref = reference_dir()
         if not ref.is_dir():

@@ -10,11 +10,13 @@ handler, replying "<model> read: <last message>") on the given port, and can mis
   --child-pid-file F     spawn a child process (sleeps) and write its pid to F
   --no-health            no /health route (404), as some servers: readiness must use /v1/models
   --health-status CODE   /health answers CODE (e.g. 503: loading forever)
+  --requests-file F      append one line per chat completion request to F (its model and last message)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--no-health", action="store_true")
     parser.add_argument("--health-status", type=int, default=200)
     parser.add_argument("--served-model-name", default=None)  # accepted and ignored, as a real engine's flag
+    parser.add_argument("--requests-file", default=None)
     args = parser.parse_args()
 
     print(f"fake engine: loading model (port {args.port})", flush=True)
@@ -52,7 +55,13 @@ def main() -> None:
         sys.exit(3)
     time.sleep(args.start_delay)
 
-    fake = FakeOpenAIServer()
+    def reply(messages: list[dict], model: str) -> str:
+        if args.requests_file:
+            with open(args.requests_file, "a", encoding="utf-8") as log:
+                log.write(json.dumps({"model": model, "last": messages[-1]["content"]}) + "\n")
+        return f"{model} read: {messages[-1]['content'] if messages else ''}"
+
+    fake = FakeOpenAIServer(reply)
     base = _handler_class(fake)
 
     class Handler(base):

@@ -130,3 +130,23 @@ def wait_for(condition, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return condition()
+
+
+def write_pipeline_setup(root: Path, base_url: str, model_dir: Path) -> tuple[Path, dict]:
+    """A whole `mapd run` in seconds: local jsonl data (6 train, 4 test questions), the tiny student, two
+    teachers on the server at ``base_url``, 2 training steps. Returns (config.yaml's path, the config)."""
+    def questions(n: int, offset: int = 0) -> list[dict]:
+        return [{"id": f"q{i}", "question": f"What is {i} + 7 - {i}?", "answer": 7} for i in range(offset, offset + n)]
+
+    write_jsonl(root / "data" / "train.jsonl", questions(6))
+    write_jsonl(root / "data" / "test.jsonl", questions(4, offset=100))
+    config = {
+        "task": {"name": "jsonl", "path": str(root / "data"), "answer_kind": "number"},
+        "student": {"model": str(model_dir), "max_new_tokens": 8, "batch_size": 8},
+        "teachers": [{"name": name, "model": name, "base_url": base_url, "max_tokens": 32} for name in ("gpt", "gemini")],
+        "train": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                  "max_length": 128, "save_steps": 1, "learning_rate": 1e-3},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return root / "config.yaml", config
+

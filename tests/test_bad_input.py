@@ -164,6 +164,12 @@ CASES: dict[str, Case] = {
     "config with a base_url without its scheme": (
         lambda t: _teach(t, config=_config(t, teachers=[{**TEACHER, "base_url": "user:hunter2@localhost:8000/v1"}])),
         ["config.yaml:", "teachers.0.base_url: expected an http:// or https:// URL", "(value not shown)"]),
+    "config with a prompt template naming an unknown field": (
+        lambda t: _teach(t, config=_config(t, prompts={"feedback": "Explain {mistake} to {student_answer}."})),
+        ["config.yaml:", "prompts.feedback: {mistake} is not a field of this template"]),
+    "config with a prompt template holding a lone brace": (
+        lambda t: _teach(t, config=_config(t, prompts={"answer": "Answer {question} as JSON: }"})),
+        ["config.yaml:", "prompts.answer: not a str.format template", "write {{ or }}"]),
     "config with a .nan threshold": (
         lambda t: _teach(t, config=_write(t / "in" / "c.yaml", "review:\n  enabled: false\n  threshold: .nan\n")),
         ["c.yaml:3: field 'review.threshold': .nan is not a number"]),

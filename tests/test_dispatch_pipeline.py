@@ -162,7 +162,7 @@ def test_teach_pipelined_equals_the_two_step_teach(tmp_path, monkeypatch):
         # its text depends on the prompt alone: which calls share a batch depends on when the replies come
         return [Generation(f"local: the answer is {len(p[-1]['content']) % 3 + 6}. [4]", 5, 2) for p in prompts]
 
-    monkeypatch.setattr("mapd.llm.local_provider.load_model", lambda name, gguf: ("model", "tokenizer"))
+    monkeypatch.setattr("mapd.llm.local_provider.load_model", lambda name, gguf, **placement: ("model", "tokenizer"))
     monkeypatch.setattr("mapd.llm.local_provider.generate", fake_generate)
     mistakes = [Mistake(id=f"q{i}", question=f"What is {i} + 7 - {i}?", gold="7", output=f"{i + 7}")
                 for i in range(5)]

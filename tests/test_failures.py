@@ -160,3 +160,10 @@ def test_a_dead_process_claims_expire(tmp_path):
         assert cache.claim("k", "other", lease_s=30, reserve_usd=2, budget_usd=1) == "busy"
         cache.release("alive")
         assert cache.claim("k", "other", lease_s=30, reserve_usd=2, budget_usd=1) == "over budget"
+
+
+def test_a_reply_with_a_lone_surrogate_is_stored_not_fatal(tmp_path):
+    with FakeOpenAIServer(reply=lambda messages: "The answer is 7 \ud800.") as server:
+        config, mistakes = write_teach_setup(tmp_path, server.base_url, KEY_ENV, 1)
+        assert teach(config, mistakes, tmp_path / "out") == 0
+    assert all("\ufffd" in r["text"] for r in records(tmp_path / "out"))

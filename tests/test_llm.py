@@ -315,7 +315,7 @@ def test_local_teacher_batches_seeds_and_caches(cache, tmp_path, monkeypatch):
         batches.append(([p[-1]["content"] for p in prompts], kwargs["seed"], kwargs["max_new_tokens"]))
         return [Generation(f"local {p[-1]['content']} s{kwargs['seed']}", 5, 2) for p in prompts]
 
-    monkeypatch.setattr("mapd.llm.local_provider.load_model", lambda name, gguf: ("model", "tokenizer"))
+    monkeypatch.setattr("mapd.llm.local_provider.load_model", lambda name, gguf, **placement: ("model", "tokenizer"))
     monkeypatch.setattr("mapd.llm.local_provider.generate", fake_generate)
     local = TeacherConfig(name="loc", model="some/model", max_concurrency=4, max_tokens=16)
     calls = calls_for("loc", 6) + calls_for("loc", 2, sample=1, stage="resample")

@@ -67,7 +67,8 @@ def train_config(path: Path, *, batch: int, accumulation: int, group_by_length: 
 def run(command: list[str], cwd: Path) -> None:
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true",
                         "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("WORLD_SIZE", None)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # the launcher sets them; a one-process run must see none
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 

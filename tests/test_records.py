@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from mapd.errors import MapdError
-from mapd.records import (ARTIFACTS, Feedback, Mistake, Rationale, Review, TeacherStats, TrainingPair, read_document,
+from mapd.records import (ARTIFACTS, Feedback, Rationale, Review, TeacherStats, TrainingPair, read_document,
                           read_mistakes, read_records, write_records)
 
 REPO = Path(__file__).resolve().parents[1]

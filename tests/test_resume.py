@@ -13,36 +13,19 @@ import yaml
 from mapd.cli import main
 from mapd.config import RunConfig, config_changes, public_dump, result_fields
 from mapd.errors import IncompleteStage
-from mapd.io import read_jsonl, write_jsonl
+from mapd.io import read_jsonl
 from tests.openai_server import FakeOpenAIServer
-from tests.reliability_kit import CountingReply, snapshot
+from tests.reliability_kit import CountingReply, snapshot, write_pipeline_setup
 
 STAGES = ["eval_before", "mine", "teach", "build", "train", "eval_after"]
-
-
-def _questions(n: int, offset: int = 0) -> list[dict]:
-    return [{"id": f"q{i}", "question": f"What is {i} + 7 - {i}?", "answer": 7} for i in range(offset, offset + n)]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir):
     """(server, config dict, a finished run folder to copy): one full run shared by the tests that need one."""
     root = tmp_path_factory.mktemp("resume")
-    data = root / "data"
-    write_jsonl(data / "train.jsonl", _questions(6))
-    write_jsonl(data / "test.jsonl", _questions(4, offset=100))
     server = FakeOpenAIServer(reply=CountingReply()).start()
-    config = {
-        "task": {"name": "jsonl", "path": str(data), "answer_kind": "number"},
-        "student": {"model": str(tiny_model_dir), "max_new_tokens": 8, "batch_size": 8},
-        "teachers": [
-            {"name": name, "model": name, "base_url": server.base_url, "max_tokens": 32} for name in ("gpt", "gemini")
-        ],
-        "train": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-                  "max_length": 128, "save_steps": 1, "learning_rate": 1e-3},
-    }
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, config = write_pipeline_setup(root, server.base_url, tiny_model_dir)
     assert _run(path, root / "run") == 0
     yield server, config, root / "run"
     server.close()
@@ -375,5 +358,5 @@ def test_result_fields_drop_operational_fields_at_every_depth():
     kept = result_fields(_config())
     assert set(kept) == {"task", "student", "teachers", "prompts", "review", "build", "train"}
     assert set(kept["teachers"][0]) == {"name", "model", "provider", "gguf_file", "temperature", "top_p",
-                                        "max_tokens", "extra_body"}
+                                        "max_tokens", "extra_body", "serve"}
     assert "save_steps" not in kept["train"] and "learning_rate" in kept["train"]

@@ -7,31 +7,14 @@ import yaml
 
 from mapd.cli import main
 from mapd.io import read_jsonl, write_jsonl
-from tests.reliability_kit import CountingReply
+from tests.reliability_kit import CountingReply, write_pipeline_setup
 from tests.openai_server import FakeOpenAIServer
-
-
-def _questions(n: int, offset: int = 0) -> list[dict]:
-    return [{"id": f"q{i}", "question": f"What is {i} + 7 - {i}?", "answer": 7} for i in range(offset, offset + n)]
 
 
 @pytest.fixture()
 def run_config(tmp_path, tiny_model_dir):
-    data = tmp_path / "data"
-    write_jsonl(data / "train.jsonl", _questions(6))
-    write_jsonl(data / "test.jsonl", _questions(4, offset=100))
     server = FakeOpenAIServer(reply=CountingReply()).start()
-    config = {
-        "task": {"name": "jsonl", "path": str(data), "answer_kind": "number"},
-        "student": {"model": str(tiny_model_dir), "max_new_tokens": 8, "batch_size": 8},
-        "teachers": [
-            {"name": name, "model": name, "base_url": server.base_url, "max_tokens": 32} for name in ("gpt", "gemini")
-        ],
-        "train": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-                  "max_length": 128, "save_steps": 1, "learning_rate": 1e-3},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, _ = write_pipeline_setup(tmp_path, server.base_url, tiny_model_dir)
     yield path, server
     server.close()
 
@@ -179,3 +162,10 @@ def test_a_boolean_given_as_a_string_is_refused_by_build(tmp_path, capfd):
     assert main(["build", "--run", str(out), "--mode", "single:gemini"]) == 0  # single: used though not accepted
     assert [(r["kind"], r["teacher"]) for r in read_jsonl(out / "train.jsonl")] == [("feedback", "gemini"),
                                                                                    ("rationale", "gemini")]
+
+
+def test_run_with_bad_task_data_creates_nothing(tmp_path, tiny_model_dir, capsys):
+    path, config = write_pipeline_setup(tmp_path, "http://127.0.0.1:9/v1", tiny_model_dir)
+    (tmp_path / "data" / "test.jsonl").write_text('{"id": "q1", "question": "What is 1 + 1?"}\n')  # no answer
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert "test.jsonl:1" in capsys.readouterr().err and not (tmp_path / "run").exists()

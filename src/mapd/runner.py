@@ -43,6 +43,7 @@ from mapd.io import folder_lock, read_json, write_json
 from mapd.layout import RoundLayout, RunLayout
 from mapd.models import check_local_teachers, resolve_model
 from mapd.student import server_pool
+from mapd.tasks import get_task
 
 # 2: per-stage fingerprints, "incomplete" stages, "superseded" moves. A version-1 manifest is read
 # as though every stage of its configured rounds had run: operational changes are accepted, any
@@ -354,6 +355,10 @@ def run(config_path: str | None, out: Path | None = None, start: str | None = No
         )
     run_dir = RunLayout(out or default_run_dir(config_path))
     # a mistyped local model path fails now, not after the stages before the one that loads it
+    if config.task.path is not None:  # bad local data fails now, before the run folder is made
+        task = get_task(config.task)
+        task.load(config.task.test_split, config.task.test_limit)
+        task.load(config.task.train_split, config.task.train_limit)
     if not config.student.base_url:  # a running server's model is only a name
         resolve_model(config.student.model, config.student.gguf_file)
     check_local_teachers(config.teachers)

@@ -25,7 +25,8 @@ logs its output, and stops its whole process group, whatever happens (docs/scali
     ``{port}`` (required: a free port mapd picks), ``{name}`` (the served model name) and ``{host}``; values are
     shell-quoted (do not quote the fields yourself). A simple command, with leading ``VAR=value`` assignments
     (``CUDA_VISIBLE_DEVICES=0,1 vllm serve ...``), runs directly; a line with shell syntax (``&&``, ``$X``,
-    pipes, globs) runs under ``/bin/sh -c``. Any other ``{word}`` is an error; other braces (JSON arguments) are kept.
+    pipes, globs) runs under ``/bin/sh -c``. mapd talks to the server at ``host``; a template without ``{host}``
+    leaves the bind address to the server's default (vLLM: all interfaces; transformers serve: localhost). Any other ``{word}`` is an error; other braces (JSON arguments) are kept.
     The command starts in its own session and process group, with stdout and stderr appended to ``log_path``
     after a header line naming the command. mapd polls ``GET /health`` every 0.5 s (a 404 there falls back to
     ``GET /v1/models``) until one answers 200. Then it yields the :class:`Server`. On leaving the block
@@ -107,10 +108,14 @@ def servable(model: str, gguf_file: str | None = None, *, dtype: str | None = No
     if model.startswith(EMBEDDED_PREFIX):
         stem = model[len(EMBEDDED_PREFIX) :]
         identity = f"embedded:{stem}:{EMBEDDED_MODELS[stem].sha256}"
-    else:
+    elif source.is_file():
         stat = source.resolve().stat()
         stem = source.stem
         identity = f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    else:  # a GGUF file in a hub repository: named by the repository and file
+        stem, identity = Path(gguf).stem, f"hub:{folder}:{gguf}"
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise MapdError(f"servable dtype {dtype!r}: use float32, bfloat16 or float16")
     identity += f":{dtype}"
     target = cache_dir() / "servable" / f"{_safe(stem)}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     if target.is_dir():
@@ -349,7 +354,7 @@ _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a lo
 
 def _status(url: str) -> int | None:
     try:
-        with _no_proxy.open(url, timeout=2) as response:
+        with _no_proxy.open(url, timeout=1) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code

@@ -8,7 +8,6 @@ them (eval before training and mining share one) and stopped before training nee
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,21 +19,11 @@ from mapd.config import PromptConfig, StudentConfig, TeacherConfig
 from mapd.errors import IncompleteStage
 from mapd.generation import Generation
 from mapd.llm import Call, CallCache, CallKey, Dispatcher
+from mapd.models import checkpoint_identity
 from mapd.prompts import answer_messages
 from mapd.tasks import Example
 
 STUDENT = "student"  # the name of the student's endpoint in call keys and statistics
-
-
-def checkpoint_identity(model: str, gguf_file: str | None = None) -> str:
-    """What names the weights: for a local file or folder, its path with the names, sizes and modification
-    times of its files (a checkpoint retrained in place is another identity); otherwise the name itself."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        return f"{model}:{gguf_file or ''}"
-    files = sorted(p for p in ([path] if path.is_file() else path.iterdir()) if p.is_file())
-    listing = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-    return hashlib.sha256("\n".join([str(path.resolve()), gguf_file or "", *listing]).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -133,5 +122,5 @@ def served_answers(student: StudentConfig, examples: list[Example], answer_kind:
     if failed:
         raise IncompleteStage(f"{stage}: {len(failed)} of {len(calls)} student calls failed (the first: "
                               f"{failed[0].key}: {failed[0].error}); rerun to make only those")
-    return [Generation(r.text, r.input_tokens, r.output_tokens, r.finish_reason or "stop")
+    return [Generation(r.text, r.input_tokens, r.output_tokens, r.finish_reason)
             for r in (results[calls[example.id].key] for example in examples)], seconds

@@ -14,7 +14,7 @@ import time
 import zlib
 
 from mapd.config import TeacherConfig
-from mapd.generation import generate, load_model
+from mapd.generation import generate, generation_device, load_model
 from mapd.llm.base import Call, CallResult
 
 
@@ -75,7 +75,7 @@ class LocalProvider:
     def _model(self):
         with self._load_lock:
             if self._loaded is None:
-                self._loaded = load_model(self.teacher.model, self.teacher.gguf_file)
+                self._loaded = load_model(self.teacher.model, self.teacher.gguf_file, device=generation_device())
             return self._loaded
 
     def _generate(self, calls: list[Call]) -> list[CallResult]:

@@ -222,6 +222,8 @@ class OpenAIProvider:
         text = message.get("content")
         if not isinstance(text, str) or not text.strip():
             raise UnusableReply(f"empty content (finish_reason {finish_reason})")
+        # a lone surrogate (invalid UTF-16 in the JSON) cannot be stored or printed: it becomes U+FFFD
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         return CallResult(call.key, self._redact(text), None, finish_reason=finish_reason,
                           **self._usage(reply, messages, text))
 

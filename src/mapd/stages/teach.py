@@ -21,7 +21,7 @@ from mapd.io import check_folder, folder_lock
 from mapd.layout import RoundLayout
 from mapd.llm import BudgetExceeded, Call, CallCache, CallKey, Dispatcher
 from mapd.llm.cache import check_cache_path
-from mapd.models import check_local_teachers
+from mapd.models import check_local_teachers, checkpoint_identity
 from mapd.prompts import answer_messages, feedback_messages, review_messages
 from mapd.records import Feedback, Mistake, Rationale, Review, TeachStats, read_mistakes, write_document, write_records
 from mapd.secrets import api_key, endpoint
@@ -114,12 +114,31 @@ def run_teach(folder: RoundLayout, *, task: TaskConfig, teachers: list[TeacherCo
     if not dry_run:
         check_folder(folder.dir, [folder.feedback, folder.rationales, folder.teach_stats])
         for teacher in teachers:  # an unset key variable, before the cache file is made
-            if teacher.provider == "openai":
+            if teacher.base_url:
                 endpoint(teacher, api_key(teacher.api_key_env, teacher.name))
     with folder_lock(folder.dir) if lock and not dry_run else nullcontext():
         return _teach_into(folder, mistakes, committee=committee, answer_kind=answer_kind, cache_file=cache_file,
                            teachers=teachers, prompts=prompts, review=review, max_budget_usd=max_budget_usd,
                            dry_run=dry_run)
+
+
+def _served_teachers(teachers: list[TeacherConfig], folder: RoundLayout,
+                     stack: ExitStack) -> tuple[list[TeacherConfig], dict[str, str]]:
+    """The committee with every ``serve:`` teacher started (stopped when ``stack`` closes) and pointed at its
+    server, and the checkpoint identities that key those teachers' calls in the cache."""
+    ready, identities = [], {}
+    for teacher in teachers:
+        if teacher.serve:
+            from mapd.serve import servable, served
+
+            model = servable(teacher.model, teacher.gguf_file)
+            server = stack.enter_context(served(teacher.serve, model, name=teacher.name,
+                                                log_path=folder.dir / f"server-{teacher.name}.log"))
+            identities[teacher.name] = checkpoint_identity(teacher.model, teacher.gguf_file)
+            teacher = teacher.model_copy(update={"base_url": server.base_url, "model": server.model_name,
+                                                 "serve": None, "gguf_file": None})
+        ready.append(teacher)
+    return ready, identities
 
 
 def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list[str], answer_kind: str,
@@ -130,7 +149,9 @@ def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list
         if dry_run and not cache_file.exists():  # nothing cached yet, and a dry run leaves no file behind
             cache_file = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "cache.sqlite"
         cache = stack.enter_context(CallCache(cache_file))
-        dispatcher = stack.enter_context(Dispatcher(teachers, cache, max_budget_usd=max_budget_usd, dry_run=dry_run))
+        teachers, identities = (teachers, {}) if dry_run else _served_teachers(teachers, folder, stack)
+        dispatcher = stack.enter_context(Dispatcher(teachers, cache, max_budget_usd=max_budget_usd, dry_run=dry_run,
+                                                    identities=identities))
         if not dry_run:
             dispatcher.check_keys()
         try:
