@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # for tests.openai_server
 
 from tests.openai_server import FakeOpenAIServer  # noqa: E402
-from tests.reliability_kit import COMMITTEE, CountingReply, mapd_argv, write_teach_setup  # noqa: E402
+from tests.reliability_kit import COMMITTEE, CountingReply, dead_url, mapd_argv, write_teach_setup  # noqa: E402
 
 KEY_ENV = "MAPD_BENCH_KEY"
 KEY = "sk-bench-hostile-4f1c9e0b7d2a"
@@ -61,9 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
 
-        with socket.socket() as probe:  # (a) a port nobody listens on
-            probe.bind(("127.0.0.1", 0))
-            dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+        dead = dead_url()  # (a)
         folder = root / "down"
         write_teach_setup(folder, dead, KEY_ENV, n, max_concurrency=args.concurrency)
         code, seconds, err = teach(folder, "out")

@@ -86,7 +86,7 @@ def main() -> None:
             assert jsonl_problems(folder / "out") == [], jsonl_problems(folder / "out")
         result = run_mapd(*argv, env=env, timeout=max(1.0, deadline - time.perf_counter()))  # the rerun
         runs += 1
-        if result.returncode != 0:
+        if result.returncode not in (0, 3):  # 3: refusals and 400s (not retried) leave the stage incomplete
             raise SystemExit(f"mapd teach failed:\n{result.stderr[-3000:]}")
         calls, errors = check(folder / "out", args.mistakes)
         rows = sqlite3.connect(folder / "out" / "cache.sqlite").execute("SELECT max(attempts) FROM calls").fetchone()

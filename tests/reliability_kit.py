@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -149,4 +150,11 @@ def write_pipeline_setup(root: Path, base_url: str, model_dir: Path) -> tuple[Pa
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     return root / "config.yaml", config
+
+
+def dead_url() -> str:
+    """The base_url of a port on 127.0.0.1 that nobody listens on: every connection is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
 

@@ -8,10 +8,10 @@ import asyncio
 import hashlib
 import json
 import re
-import socket
 
 import pytest
 from tests.openai_server import FakeOpenAIServer
+from tests.reliability_kit import dead_url
 
 from mapd.config import PromptConfig, ReviewConfig, TeacherConfig
 from mapd.generation import Generation
@@ -220,9 +220,7 @@ def test_teach_pipelined_equals_the_two_step_teach(tmp_path, monkeypatch):
 
 def test_a_refused_connection_says_so(cache):
     """The SDK's aiohttp transport calls a refused connection a timeout; the recorded error adds the cause."""
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    url = dead_url()
     dead = TeacherConfig(name="dead", model="m", base_url=url, max_retries=0)
     with Dispatcher([dead], cache, backoff=FAST) as dispatcher:
         [result] = dispatcher.complete_all([ask("dead", "hello?")], "test").values()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from functools import partial
@@ -11,7 +10,7 @@ from functools import partial
 import pytest
 import yaml
 from tests.openai_server import FakeOpenAIServer
-from tests.reliability_kit import COMMITTEE, CountingReply, mapd_argv, write_teach_setup
+from tests.reliability_kit import COMMITTEE, CountingReply, dead_url, mapd_argv, write_teach_setup
 
 from mapd.cli import main
 from mapd.llm import CallCache, Dispatcher
@@ -67,12 +66,9 @@ def test_an_error_every_call_would_get_stops_the_teacher_at_once(tmp_path, capfd
 
 
 def test_a_teacher_that_is_down_is_stopped_by_its_circuit_breaker(tmp_path, capfd, fast_retries):
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        dead_url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
     with FakeOpenAIServer(CountingReply()) as server:
         config, mistakes = write_teach_setup(tmp_path, server.base_url, KEY_ENV, 20, max_concurrency=4)
-        set_teacher(config, 2, base_url=dead_url, max_consecutive_failures=6, failing_for_s=0)
+        set_teacher(config, 2, base_url=dead_url(), max_consecutive_failures=6, failing_for_s=0)
         assert teach(config, mistakes, tmp_path / "out") == 3
     err = capfd.readouterr().err
     assert f"teacher {COMMITTEE[2]} stopped: 6 failed attempts in a row" in err

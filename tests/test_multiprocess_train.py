@@ -33,7 +33,6 @@ epoch fraction per step), since a silent single process would otherwise also tra
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess

@@ -13,7 +13,6 @@ import json
 import logging
 import random
 import re
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -25,8 +24,8 @@ from secrets import token_hex
 import pytest
 import yaml
 from tests.openai_server import ALL_FAULTS, FakeOpenAIServer
-from tests.reliability_kit import (COMMITTEE, CountingReply, jsonl_problems, make_mistakes, mapd_argv, run_killed,
-                                   run_mapd, snapshot, teacher_entries, wait_for, write_teach_setup)
+from tests.reliability_kit import (COMMITTEE, CountingReply, dead_url, jsonl_problems, make_mistakes, mapd_argv,
+                                   run_killed, run_mapd, snapshot, teacher_entries, wait_for, write_teach_setup)
 
 from mapd.cli import main
 from mapd.io import folder_lock, read_jsonl, write_jsonl
@@ -101,13 +100,10 @@ def test_teach_keeps_every_record_at_thirty_percent_faults(tmp_path, key, fast_r
 
 def test_an_unreachable_teacher_is_recorded_not_dropped(tmp_path, key, fast_retries):
     """Connection refused on every attempt: the teacher's records carry the error; the others are whole."""
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        dead_url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
     with FakeOpenAIServer(CountingReply()) as server:
         config, mistakes = write_teach_setup(tmp_path, server.base_url, KEY_ENV, 5, max_retries=2)
         data = yaml.safe_load(config.read_text())
-        data["teachers"][2]["base_url"] = dead_url
+        data["teachers"][2]["base_url"] = dead_url()
         config.write_text(yaml.safe_dump(data))
         assert main(teach_argv(config, mistakes, tmp_path / "out")) == 3  # incomplete: every record written
     feedback, rationales = artifacts(tmp_path / "out")

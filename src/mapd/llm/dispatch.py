@@ -247,8 +247,7 @@ class Dispatcher:
         teacher = self.teachers[name]
         key = cache_key(teacher, call, self.identities.get(name))
         if self._bar is not None:
-            self._bar.total += 1
-            self._bar.refresh()
+            self._bar.total += 1  # shown at the next update: a redraw per call would cost more than the call
         try:
             if key in self._in_flight:  # an identical call is being made: share its reply
                 return (await asyncio.shield(self._in_flight[key])).of(call.key)
