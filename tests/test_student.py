@@ -120,3 +120,14 @@ def test_a_run_with_a_real_serving_engine(tmp_path, tiny_model_dir):
     assert rows == (4 + 6 + 4, 4 + 6 + 4)
     metrics = json.loads((tmp_path / "run" / "round-0" / "eval_after" / "metrics.json").read_text())
     assert metrics["n"] == 4 and metrics["model"].endswith("model")
+
+
+def test_a_served_eval_whose_answers_are_cached_starts_no_server(tmp_path):
+    write_data(tmp_path / "data")
+    engine = Path(__file__).resolve().parent / "fake_engine.py"
+    argv = ["eval", "--model", str(tmp_path / "data"), "--task", "svamp", "--data", str(tmp_path / "data"),
+            "--out", str(tmp_path / "out"), "--serve", f"{sys.executable} {engine} --port {{port}}"]
+    assert main(argv) == 0
+    started = (tmp_path / "out" / "server.log").read_text().count("listening")
+    assert main(argv) == 0  # every answer cached: the server is not started again
+    assert started == 1 and (tmp_path / "out" / "server.log").read_text().count("listening") == 1

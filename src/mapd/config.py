@@ -272,6 +272,10 @@ class StudentConfig(BaseModel):
         64, ge=1, json_schema_extra=OPERATIONAL, description="Served generation: requests in flight at once.")
     ready_timeout_s: float = Field(
         900, gt=0, json_schema_extra=OPERATIONAL, description="serve: seconds to wait for the server to be ready.")
+    timeout_s: float = Field(
+        600, gt=0, json_schema_extra=OPERATIONAL,
+        description="Served: seconds before one request times out (then it is retried). Requests wait in the "
+        "server's queue: allow for max_concurrency answers ahead of each.")
 
     model_config = {"extra": "forbid"}
 

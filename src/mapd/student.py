@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +19,13 @@ from mapd.config import PromptConfig, StudentConfig, TeacherConfig
 from mapd.errors import IncompleteStage
 from mapd.generation import Generation
 from mapd.llm import Call, CallCache, CallKey, Dispatcher
+from mapd.llm.cache import cache_key
 from mapd.models import checkpoint_identity
 from mapd.prompts import answer_messages
 from mapd.tasks import Example
 
 STUDENT = "student"  # the name of the student's endpoint in call keys and statistics
+NOT_STARTED = "http://127.0.0.1:9/v1"  # stands for the server while every answer is cached (no request is made)
 
 
 @dataclass(frozen=True)
@@ -100,27 +102,43 @@ def served_answers(student: StudentConfig, examples: list[Example], answer_kind:
                    greedy: bool, stage: str, cache_path: Path, log_path: Path, desc: str
                    ) -> tuple[list[Generation], float]:
     """Each example's answer from the student's server, in example order, and the seconds it took. Every
-    request carries its key (stage, example id); the cache key includes the checkpoint's identity.
-    A call that fails after its retries makes the stage incomplete (what was answered stays cached)."""
+    request carries its key (stage, example id); the cache key includes the checkpoint's identity, and a
+    server is started only when some answer is not cached yet. A call that fails after its retries makes
+    the stage incomplete (what was answered stays cached)."""
     sampling = not greedy and student.temperature > 0
-    with endpoint(student, log_path) as where, CallCache(cache_path) as cache:
-        config = TeacherConfig(
-            name=STUDENT, model=where.model_name, base_url=where.base_url, api_key_env=student.api_key_env,
-            temperature=student.temperature if sampling else 0.0, top_p=student.top_p if sampling else 1.0,
-            max_tokens=student.max_new_tokens, max_concurrency=student.max_concurrency,
-            extra_body={"seed": student.seed} if sampling else {},
-        )
-        identity = checkpoint_identity(student.model, student.gguf_file)
-        calls = {example.id: Call(CallKey(stage, example.id, STUDENT), answer_messages(prompts, example.question,
-                                                                                     answer_kind))
-                 for example in examples}
-        began = time.perf_counter()
-        with Dispatcher([config], cache, identities={STUDENT: identity}) as dispatcher:
-            results = dispatcher.complete_all(list(calls.values()), desc)
-        seconds = time.perf_counter() - began
+    config = TeacherConfig(
+        name=STUDENT, model=_served_name(student), base_url=student.base_url or NOT_STARTED,
+        api_key_env=student.api_key_env, temperature=student.temperature if sampling else 0.0,
+        top_p=student.top_p if sampling else 1.0, max_tokens=student.max_new_tokens,
+        max_concurrency=student.max_concurrency, timeout_s=student.timeout_s,
+        extra_body={"seed": student.seed} if sampling else {},
+    )
+    identity = checkpoint_identity(student.model, student.gguf_file)
+    calls = {example.id: Call(CallKey(stage, example.id, STUDENT), answer_messages(prompts, example.question,
+                                                                                 answer_kind))
+             for example in examples}
+    with CallCache(cache_path) as cache:
+        missing = any(cache.get(cache_key(config, call, identity)) is None for call in calls.values())
+        with endpoint(student, log_path) if missing else nullcontext(Endpoint(config.base_url, config.model)) as where:
+            config = config.model_copy(update={"base_url": where.base_url, "model": where.model_name})
+            began = time.perf_counter()
+            with Dispatcher([config], cache, identities={STUDENT: identity}) as dispatcher:
+                results = dispatcher.complete_all(list(calls.values()), desc)
+            seconds = time.perf_counter() - began
     failed = [result for result in results.values() if result.text is None]
     if failed:
         raise IncompleteStage(f"{stage}: {len(failed)} of {len(calls)} student calls failed (the first: "
                               f"{failed[0].key}: {failed[0].error}); rerun to make only those")
     return [Generation(r.text, r.input_tokens, r.output_tokens, r.finish_reason)
             for r in (results[calls[example.id].key] for example in examples)], seconds
+
+
+def _served_name(student: StudentConfig) -> str:
+    """The model name the student's requests carry, known before any server starts (as mapd.serve names it)."""
+    if student.base_url:
+        return student.model
+    if "{name}" in student.serve:
+        return STUDENT
+    from mapd.serve import servable
+
+    return servable(student.model, student.gguf_file)
