@@ -40,14 +40,6 @@ TASKS = ("gsm8k", "svamp", "strategyqa", "logiqa")
 SPLIT = "test"
 
 
-# The pipeline's answer prompt (mapd's default answer template and answer lines), built here so that
-# the collection does not depend on the package's prompt API while it is being redesigned.
-TEMPLATE = "Question: {question}\n\nLet's think step by step. {answer_format}"
-ANSWER_FORMATS = {
-    "number": 'End with the line "The answer is N." where N is the final number.',
-    "bool": 'End with the line "The answer is true." or "The answer is false."',
-    "choice": 'End with the line "The answer is X." where X is the letter of the correct option.',
-}
 KINDS = {"gsm8k": "number", "svamp": "number", "strategyqa": "bool", "logiqa": "choice"}
 
 
@@ -69,8 +61,12 @@ def draw(task: str, model: str, limit: int, n: int) -> list[dict]:
 
 
 def messages(task: str, row: dict) -> list[dict[str, str]]:
+    """The pipeline's answer prompt for one row (mapd's default prompts)."""
+    from mapd.config import PromptConfig
+    from mapd.prompts import answer_messages
+
     question, _ = question_of(task, row)
-    return [{"role": "user", "content": TEMPLATE.format(question=question, answer_format=ANSWER_FORMATS[KINDS[task]])}]
+    return answer_messages(PromptConfig(), question, KINDS[task])
 
 
 def main() -> None:
