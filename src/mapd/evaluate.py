@@ -19,7 +19,7 @@ from mapd.prompts import answer_messages
 from mapd.generation import Generation
 from mapd.records import Metrics, Prediction, write_document, write_records
 from mapd.student import served_answers
-from mapd.tasks import Example, get_task
+from mapd.tasks import Example, Task, get_task
 
 log = logging.getLogger("mapd.evaluate")
 CUT_OFF_WARNING = 0.05  # the share of outputs stopped at the token limit above which mapd says so
@@ -82,9 +82,8 @@ def metrics(predictions: list[Prediction], *, task: str, split: str, model: str,
 
 def predict_split(
     student: StudentConfig,
-    task_config: TaskConfig,
-    split: str,
-    limit: int | None,
+    task: Task,
+    examples: list[Example],
     prompts: PromptConfig,
     *,
     greedy: bool,
@@ -93,11 +92,9 @@ def predict_split(
     log_path: Path,
     desc: str,
 ) -> tuple[list[Prediction], float]:
-    """The student's scored answers on a task's split (loaded first, so bad data fails before any model),
-    and the seconds spent answering (loading excluded). Greedy, or sampled as ``student`` says; in-process,
-    or through the call path when ``student.serve`` / ``student.base_url`` is set (mapd.student)."""
-    task = get_task(task_config)
-    examples = task.load(split, limit)
+    """The student's scored answers to ``examples`` of ``task``, and the seconds spent answering (loading
+    excluded). Greedy, or sampled as ``student`` says; in-process, or through the call path when
+    ``student.serve`` / ``student.base_url`` is set (mapd.student)."""
     if student.served:
         outputs, seconds = served_answers(student, examples, task.answer_kind, prompts, greedy=greedy, stage=stage,
                                           cache_path=cache_path, log_path=log_path, desc=desc)
@@ -115,8 +112,10 @@ def evaluate_model(out: EvalLayout, *, student: StudentConfig, task: TaskConfig,
     """Greedy evaluation of ``student.model`` on a split: writes predictions.jsonl and metrics.json, prints a
     summary and returns the metrics. A served student's calls are cached in ``cache_path`` (default
     ``out/cache.sqlite``) and its server writes ``out/server.log``."""
+    loaded = get_task(task)
+    examples = loaded.load(split, limit)  # bad data fails before any model loads
     predictions, seconds = predict_split(
-        student, task, split, limit, prompts, greedy=True, stage=f"eval {split}", desc=f"eval {task.name}/{split}",
+        student, loaded, examples, prompts, greedy=True, stage=f"eval {split}", desc=f"eval {task.name}/{split}",
         cache_path=Path(cache_path) if cache_path else out.dir / "cache.sqlite", log_path=out.dir / "server.log",
     )
     result = metrics(predictions, task=task.name, split=split, model=student.model, seconds=seconds)

@@ -124,6 +124,14 @@ def api_key(env_var: str | None, teacher: str) -> str:
     return env_secret(env_var, teacher, "the API key")
 
 
+def check_credentials(teachers: Iterable[TeacherConfig]) -> None:
+    """MapdError, before any call, when an endpoint teacher's key, ``headers_env`` or ``query_env`` variable
+    is unset (the error names the variable, never a value)."""
+    for teacher in teachers:
+        if teacher.base_url:
+            endpoint(teacher, api_key(teacher.api_key_env, teacher.name))
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where and how to reach an OpenAI-compatible teacher, credentials apart from the URL."""

@@ -222,13 +222,19 @@ def render(command: str, values: dict[str, str]) -> str:
     return _FIELD.sub(lambda m: shlex.quote(str(values[m.group(1)])), command)
 
 
+def served_model_name(command: str, model: str, name: str) -> str:
+    """What requests to the server must name as ``model``: ``name`` when the template passes ``{name}``, else
+    the ``{model}`` value (transformers serve and SGLang serve the path they were given)."""
+    return name if "{name}" in command else model
+
+
 @contextlib.contextmanager
 def served(command: str, model: str, *, name: str, log_path: Path, ready_timeout_s: float = 600.0,
            host: str = "127.0.0.1", stop_grace_s: float = 10.0, port_attempts: int = 3) -> Iterator[Server]:
     """Start the server, wait until it is ready, yield it, stop its process group (module docstring)."""
     log_path = Path(log_path)
     render(command, {"model": model, "port": 0, "name": name, "host": host})  # template errors before anything runs
-    model_name = name if "{name}" in command else model
+    model_name = served_model_name(command, model, name)
     for attempt in range(1, port_attempts + 1):
         port = free_port(host)
         line = render(command, {"model": model, "port": port, "name": name, "host": host})

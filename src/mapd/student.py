@@ -79,21 +79,21 @@ def server_pool() -> Iterator[ServerPool]:
 
 
 @contextmanager
-def endpoint(student: StudentConfig, log_path: Path) -> Iterator[Endpoint]:
-    """The running server for ``student``: its base_url, or the one ``student.serve`` starts (kept by the
-    current :func:`server_pool`, else stopped when the block ends)."""
+def endpoint(student: StudentConfig, reference: str, log_path: Path) -> Iterator[Endpoint]:
+    """The running server for ``student``: its base_url, or the one ``student.serve`` starts on ``reference``
+    (a model a server can load, :func:`mapd.serve.servable`), kept by the current :func:`server_pool`, else
+    stopped when the block ends."""
     if student.base_url:
         yield Endpoint(student.base_url, student.model)
         return
-    from mapd.serve import servable, served
-
-    model = servable(student.model, student.gguf_file)
     pool = _pool.get()
     if pool is not None:
-        server = pool.get(student.serve, model, log_path, student.ready_timeout_s)
+        server = pool.get(student.serve, reference, log_path, student.ready_timeout_s)
         yield Endpoint(server.base_url, server.model_name)
         return
-    with served(student.serve, model, name=STUDENT, log_path=log_path,
+    from mapd.serve import served
+
+    with served(student.serve, reference, name=STUDENT, log_path=log_path,
                 ready_timeout_s=student.ready_timeout_s) as server:
         yield Endpoint(server.base_url, server.model_name)
 
@@ -106,8 +106,9 @@ def served_answers(student: StudentConfig, examples: list[Example], answer_kind:
     server is started only when some answer is not cached yet. A call that fails after its retries makes
     the stage incomplete (what was answered stays cached)."""
     sampling = not greedy and student.temperature > 0
+    reference, name = _reference_and_name(student)
     config = TeacherConfig(
-        name=STUDENT, model=_served_name(student), base_url=student.base_url or NOT_STARTED,
+        name=STUDENT, model=name, base_url=student.base_url or NOT_STARTED,
         api_key_env=student.api_key_env, temperature=student.temperature if sampling else 0.0,
         top_p=student.top_p if sampling else 1.0, max_tokens=student.max_new_tokens,
         max_concurrency=student.max_concurrency, timeout_s=student.timeout_s,
@@ -119,7 +120,8 @@ def served_answers(student: StudentConfig, examples: list[Example], answer_kind:
              for example in examples}
     with CallCache(cache_path) as cache:
         missing = any(cache.get(cache_key(config, call, identity)) is None for call in calls.values())
-        with endpoint(student, log_path) if missing else nullcontext(Endpoint(config.base_url, config.model)) as where:
+        with (endpoint(student, reference, log_path) if missing
+              else nullcontext(Endpoint(config.base_url, config.model))) as where:
             config = config.model_copy(update={"base_url": where.base_url, "model": where.model_name})
             began = time.perf_counter()
             with Dispatcher([config], cache, identities={STUDENT: identity}) as dispatcher:
@@ -133,12 +135,11 @@ def served_answers(student: StudentConfig, examples: list[Example], answer_kind:
             for r in (results[calls[example.id].key] for example in examples)], seconds
 
 
-def _served_name(student: StudentConfig) -> str:
-    """The model name the student's requests carry, known before any server starts (as mapd.serve names it)."""
+def _reference_and_name(student: StudentConfig) -> tuple[str, str]:
+    """(the model the server loads, the name requests carry), known before any server starts."""
     if student.base_url:
-        return student.model
-    if "{name}" in student.serve:
-        return STUDENT
-    from mapd.serve import servable
+        return student.model, student.model
+    from mapd.serve import servable, served_model_name
 
-    return servable(student.model, student.gguf_file)
+    reference = servable(student.model, student.gguf_file)
+    return reference, served_model_name(student.serve, reference, STUDENT)

@@ -21,7 +21,7 @@ import statistics
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -36,7 +36,7 @@ from mapd.llm.cache import CallCache, cache_key
 from mapd.llm.local_provider import LocalProvider
 from mapd.llm.openai_provider import Backoff, OpenAIProvider, approx_tokens
 from mapd.records import TeacherStats as TeacherStatsRecord
-from mapd.secrets import api_key, endpoint
+from mapd.secrets import api_key, check_credentials
 
 T = TypeVar("T")
 BUDGET_ERROR = "BudgetExceeded: not called (max_budget_usd reached)"
@@ -175,13 +175,9 @@ class Dispatcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def check_keys(self, names: Iterable[str] | None = None) -> None:
-        """MapdError when an HTTP teacher's key, headers_env or query_env variable is unset (all teachers,
-        or ``names``)."""
-        for name in self.teachers if names is None else names:
-            teacher = self.teachers[name]
-            if teacher.provider == "openai":
-                endpoint(teacher, api_key(teacher.api_key_env, teacher.name))
+    def check_keys(self) -> None:
+        """MapdError when an HTTP teacher's key, headers_env or query_env variable is unset."""
+        check_credentials(self.teachers.values())
 
     # -- driving --------------------------------------------------------------------------------
 

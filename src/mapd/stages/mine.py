@@ -33,13 +33,14 @@ def run_mine(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, p
     """Answer the train split with ``student`` (greedy or sampled as it says), write folder/mistakes.jsonl,
     print and return ``{n, correct, wrong, unparsed, truncated, accuracy, seconds}``. The data and the model path are
     checked before anything is made; then ``lock`` (``mapd mine``) holds the folder's lock while it works."""
-    get_task(task).load(task.train_split, task.train_limit)  # bad data fails here, before the folder is made
+    loaded = get_task(task)
+    examples = loaded.load(task.train_split, task.train_limit)  # bad data fails here, before the folder is made
     if not student.base_url:  # and so does a mistyped model path (a running server's model is only a name)
         resolve_model(student.model, student.gguf_file)
     check_folder(folder.dir, [folder.mistakes])
     with folder_lock(folder.dir) if lock else nullcontext():
         predictions, seconds = predict_split(
-            student, task, task.train_split, task.train_limit, prompts, greedy=False, stage="mine", desc="mine",
+            student, loaded, examples, prompts, greedy=False, stage="mine", desc="mine",
             cache_path=Path(cache_path) if cache_path else folder.default_cache, log_path=folder.dir / "server.log",
         )
         mistakes = mine(predictions)

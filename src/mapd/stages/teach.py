@@ -24,7 +24,7 @@ from mapd.llm.cache import check_cache_path
 from mapd.models import check_local_teachers, checkpoint_identity
 from mapd.prompts import answer_messages, feedback_messages, review_messages
 from mapd.records import Feedback, Mistake, Rationale, Review, TeachStats, read_mistakes, write_document, write_records
-from mapd.secrets import api_key, endpoint
+from mapd.secrets import check_credentials
 from mapd.stages.review import check_committee, judged, parse_score, reviewers
 from mapd.tasks import get_task
 from mapd.tasks.base import check_mistakes
@@ -113,9 +113,7 @@ def run_teach(folder: RoundLayout, *, task: TaskConfig, teachers: list[TeacherCo
     check_cache_path(cache_file)
     if not dry_run:
         check_folder(folder.dir, [folder.feedback, folder.rationales, folder.teach_stats])
-        for teacher in teachers:  # an unset key variable, before the cache file is made
-            if teacher.base_url:
-                endpoint(teacher, api_key(teacher.api_key_env, teacher.name))
+        check_credentials(teachers)  # an unset key variable, before the cache file is made
     with folder_lock(folder.dir) if lock and not dry_run else nullcontext():
         return _teach_into(folder, mistakes, committee=committee, answer_kind=answer_kind, cache_file=cache_file,
                            teachers=teachers, prompts=prompts, review=review, max_budget_usd=max_budget_usd,
@@ -152,8 +150,6 @@ def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list
         teachers, identities = (teachers, {}) if dry_run else _served_teachers(teachers, folder, stack)
         dispatcher = stack.enter_context(Dispatcher(teachers, cache, max_budget_usd=max_budget_usd, dry_run=dry_run,
                                                     identities=identities))
-        if not dry_run:
-            dispatcher.check_keys()
         try:
             feedback, rationales = teach(mistakes, dispatcher, committee=committee, prompts=prompts, review=review,
                                          answer_kind=answer_kind)
