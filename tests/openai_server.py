@@ -177,6 +177,25 @@ class FakeOpenAIServer:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _post(self, handler: "BaseHTTPRequestHandler", raw: bytes) -> None:
+        """Serve a POST (a subclass adds routes and falls back here)."""
+        if urlsplit(handler.path).path.rstrip("/") != "/v1/chat/completions":  # a query string is allowed
+            return _send(handler, 404, {"error": {"message": f"no route {handler.path}"}})
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self._answer(handler, raw)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _get(self, handler: "BaseHTTPRequestHandler") -> None:
+        """Serve a GET (a subclass adds routes and falls back here)."""
+        if urlsplit(handler.path).path.rstrip("/") == "/v1/models":
+            return _send(handler, 200, {"object": "list", "data": []})
+        _send(handler, 404, {"error": {"message": f"no route {handler.path}"}})
+
     def _choose_fault(self, raw: bytes) -> str | None:
         digest = hashlib.sha256(raw).hexdigest()
         with self._lock:
@@ -188,6 +207,9 @@ class FakeOpenAIServer:
         if self.faults_pool and rng.random() < self.fault_rate:
             return rng.choice(self.faults_pool)
         return None
+
+    def _reply_text(self, messages: list[dict], model: str) -> str:
+        return self.reply(messages, model) if self._reply_takes_model else self.reply(messages)
 
     def _completion(self, body: dict, text: str | None, *, refusal: str | None = None, finish: str = "stop") -> dict:
         prompt = "".join(str(m.get("content", "")) for m in body.get("messages", []))
@@ -241,7 +263,7 @@ class FakeOpenAIServer:
         if self.echo:
             text = _echo(handler, body)
         else:
-            text = self.reply(messages, model) if self._reply_takes_model else self.reply(messages)
+            text = self._reply_text(messages, model)
         with self._lock:
             self.completions += 1
             self.answer_order.append(arrival)
@@ -297,10 +319,11 @@ class _QuietServer(ThreadingHTTPServer):
         pass  # a client that hung up (timeout, cancel) is part of the game, not a server bug
 
 
-def _send_bytes(handler: BaseHTTPRequestHandler, status: int, payload: bytes, headers: dict | None = None) -> None:
+def _send_bytes(handler: BaseHTTPRequestHandler, status: int, payload: bytes, headers: dict | None = None,
+                content_type: str = "application/json") -> None:
     try:
         handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(payload)))
         for name, value in (headers or {}).items():
             handler.send_header(name, value)
@@ -320,22 +343,10 @@ def _handler_class(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
         disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
 
         def do_POST(self) -> None:
-            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if urlsplit(self.path).path.rstrip("/") != "/v1/chat/completions":  # a query string is allowed
-                return _send(self, 404, {"error": {"message": f"no route {self.path}"}})
-            with server._lock:
-                server.in_flight += 1
-                server.max_in_flight = max(server.max_in_flight, server.in_flight)
-            try:
-                server._answer(self, raw)
-            finally:
-                with server._lock:
-                    server.in_flight -= 1
+            server._post(self, self.rfile.read(int(self.headers.get("Content-Length", 0))))
 
         def do_GET(self) -> None:
-            if urlsplit(self.path).path.rstrip("/") == "/v1/models":
-                return _send(self, 200, {"object": "list", "data": []})
-            _send(self, 404, {"error": {"message": f"no route {self.path}"}})
+            server._get(self)
 
         def log_message(self, format: str, *args) -> None:
             pass  # quiet: tests read the counters instead

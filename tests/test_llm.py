@@ -298,7 +298,9 @@ def test_summary_has_the_teach_stats_fields(cache):
         dispatcher, _ = run([teacher(server)], cache, calls_for("t", 5))
     row = dispatcher.summary()["t"]
     assert set(row.model_dump()) == {"calls", "cache_hits", "failures", "input_tokens", "output_tokens", "cost_usd",
-                                     "seconds", "latency_p50_s", "latency_p95_s", "not_made", "usage_estimated", "stopped"}
+                                     "seconds", "latency_p50_s", "latency_p95_s", "not_made", "usage_estimated", "stopped",
+                                     "batch_calls", "batch_input_tokens", "batch_output_tokens", "batch_cost_usd",
+                                     "batches"}
     assert row.calls == 5 and row.input_tokens > 0 and row.latency_p95_s >= row.latency_p50_s
     assert "t" in dispatcher.summary_table()
 

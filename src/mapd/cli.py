@@ -83,13 +83,15 @@ def cmd_mine(args: argparse.Namespace) -> None:
 
 def cmd_teach(args: argparse.Namespace) -> None:
     from mapd.layout import RoundLayout
-    from mapd.stages.teach import run_teach
+    from mapd.stages.teach import run_batch_status, run_teach
 
-    if not args.dry_run:  # a dry run writes nothing, not even the folder
+    if not (args.dry_run or args.batch_status):  # these write nothing, not even the folder
         check_folder(args.out)
     config = _config(args.config)
     _check_committee(config, args.config)
     folder = RoundLayout(Path(args.out), mistakes_file=Path(args.mistakes))
+    if args.batch_status:
+        return _stage(run_batch_status, folder, config)
     _stage(run_teach, folder, config, dry_run=args.dry_run, lock=True)
 
 
@@ -216,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mistakes", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dry-run", action="store_true", help="Estimate calls and tokens, call nothing.")
+    p.add_argument("--batch-status", action="store_true",
+                   help="Show the batches this run submitted (state and counts, asked of the provider); teach nothing.")
     p.set_defaults(func=cmd_teach)
 
     p = sub.add_parser("build", help="Make train.jsonl from mistakes, feedback and rationales.")

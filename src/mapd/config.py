@@ -135,6 +135,35 @@ class TeacherConfig(BaseModel):
     price_output_per_mtok: float = Field(0.0, ge=0, json_schema_extra=OPERATIONAL,
                                          description="USD per million completion tokens.")
     extra_body: dict = Field(default_factory=dict, description="Extra JSON fields sent with every request.")
+    batch: bool = Field(
+        False, json_schema_extra=OPERATIONAL,
+        description="Send this teacher's calls through the endpoint's Batch API (OpenAI's /v1/files + /v1/batches, "
+        "and endpoints that copy it): cheaper, answered within batch_completion_window, resumable over hours "
+        "(docs/batch.md).",
+    )
+    batch_completion_window: str = Field("24h", json_schema_extra=OPERATIONAL,
+                                         description="Batch API completion_window sent with each batch.")
+    batch_poll_s: float = Field(60.0, gt=0, json_schema_extra=OPERATIONAL,
+                                description="Seconds between two polls of a teacher's running batches.")
+    batch_price_factor: float = Field(
+        0.5, ge=0, json_schema_extra=OPERATIONAL,
+        description="Batch calls cost this times the teacher's prices (OpenAI and Gemini: 0.5); used by the "
+        "cost report and max_budget_usd.",
+    )
+    batch_retry_live: bool = Field(
+        False, json_schema_extra=OPERATIONAL,
+        description="A batch request that failed, expired or was cancelled is retried as a live call at full "
+        "price, instead of in the next batch.",
+    )
+    batch_max_submissions: int = Field(
+        3, ge=1, json_schema_extra=OPERATIONAL,
+        description="Submissions of one request in batches before it counts as failed (failed, expired or "
+        "cancelled requests are resubmitted).",
+    )
+    batch_max_requests: int = Field(50_000, ge=1, json_schema_extra=OPERATIONAL,
+                                    description="Requests per batch input file (OpenAI: 50,000).")
+    batch_max_bytes: int = Field(200_000_000, ge=1024, json_schema_extra=OPERATIONAL,
+                                 description="Bytes per batch input file (OpenAI: 200 MB).")
 
     model_config = {"extra": "forbid"}
 
@@ -144,11 +173,15 @@ class TeacherConfig(BaseModel):
             raise ValueError("set serve (mapd starts the server) or base_url (a server already running), not both")
         if self.provider is None:
             self.provider = "openai" if self.base_url or self.serve else "local"
+        if self.batch and (self.provider != "openai" or self.serve):
+            raise ValueError("batch: true needs base_url, an endpoint with the Batch API; local and serve: "
+                             "teachers answer live")
         return self
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        """USD cost of the given token counts at this teacher's prices."""
-        return (input_tokens * self.price_input_per_mtok + output_tokens * self.price_output_per_mtok) / 1e6
+    def cost(self, input_tokens: int, output_tokens: int, *, batch: bool = False) -> float:
+        """USD cost of the given token counts at this teacher's prices (``batch``: at its batch prices)."""
+        factor = self.batch_price_factor if batch else 1.0
+        return factor * (input_tokens * self.price_input_per_mtok + output_tokens * self.price_output_per_mtok) / 1e6
 
 
 class PromptConfig(BaseModel):

@@ -144,6 +144,11 @@ class TeacherStats(Record):
     usage_estimated: int = Field(
         0, ge=0, description="Made calls whose token counts were estimated from the text (usage missing or unbelievable).")
     stopped: Text | None = Field(None, description="Why the teacher was stopped, if it was (redacted).")
+    batch_calls: int = Field(0, ge=0, description="Of the made calls, those a batch answered (docs/batch.md).")
+    batch_input_tokens: int = Field(0, ge=0, description="Prompt tokens of the calls a batch answered.")
+    batch_output_tokens: int = Field(0, ge=0, description="Completion tokens of the calls a batch answered.")
+    batch_cost_usd: float = Field(0.0, ge=0, description="Cost of the calls a batch answered, at batch prices.")
+    batches: int = Field(0, ge=0, description="Batches this process submitted.")
     latency_p50_s: float | None = Field(description="Median latency per made call, retries included; null when none.")
     latency_p95_s: float | None = Field(description="95th percentile latency; null when none.")
 

@@ -310,12 +310,21 @@ def _stats_cells(s: TeacherStats | None) -> list[str]:
             f"${s.cost_usd:,.4f}", f"{_num(s.latency_p50_s)} / {_num(s.latency_p95_s)}"]
 
 
+def _batch_cells(s: TeacherStats | None) -> list[str]:
+    """Of the calls, those a batch answered (and the batches submitted), their tokens and cost (docs/batch.md)."""
+    if s is None:
+        return ["—", "— / —", "—"]
+    return [f"{_num(s.batch_calls)} ({_num(s.batches)})", f"{_num(s.batch_input_tokens)} / {_num(s.batch_output_tokens)}",
+            f"${s.batch_cost_usd:,.4f}"]
+
+
 def _teacher_table(r: Round, teachers: list[str]) -> Section:
     feedback, rationales, stats = r.feedback, r.rationales, r.teach_stats
     files = [(r.layout.feedback, feedback), (r.layout.rationales, rationales), (r.layout.teach_stats, stats)]
     if feedback is None and rationales is None and stats is None:
         names = [r.rel(path) for path, _ in files]
         return Section(3, "Teachers", [Text(f"No teacher outputs: {names[0]}, {names[1]} and {names[2]} are absent.")])
+    batched = any(s.batch_calls or s.batches for s in (stats or {}).values())
     rows = []
     for t in teachers:
         own = [x for x in rationales or [] if x.teacher == t and x.text is not None]
@@ -328,11 +337,12 @@ def _teacher_table(r: Round, teachers: list[str]) -> Section:
         row = [t, _num(len(own)), _num(accepted), _pct(accepted, len(own)), _num(_mean(received)),
                _num(_mean(given)), _num(failures)]
         if stats is not None:
-            row += _stats_cells(stats.get(t))
+            row += _stats_cells(stats.get(t)) + (_batch_cells(stats.get(t)) if batched else [])
         rows.append(row)
     headers = ["teacher", "rationales", "accepted", "acceptance", "mean score received", "mean score given", "failures"]
     if stats is not None:
         headers += ["calls", "cache hits", "tokens in / out", "cost", "latency p50 / p95 s"]
+        headers += ["of which batch (batches)", "batch tokens in / out", "batch cost"] if batched else []
     blocks = [Table(headers, rows)]
     notes = [r.rel(path) for path, content in files if content is None]
     blocks.append(Text(" ".join(["Failures count feedback, rationale and review calls whose error is set.",

@@ -44,6 +44,7 @@ class CallResult:
     ``finish_reason`` is the endpoint's ("stop", "length": cut off at the token limit), None when
     unknown. ``dry_run`` marks a stand-in text of the longest possible reply (``--dry-run``);
     ``usage_estimated`` token counts estimated from the text (the endpoint's usage was missing or unbelievable).
+    ``batch`` names the batch input file whose batch answered the call (None: a live call).
     """
 
     key: CallKey | None
@@ -57,6 +58,7 @@ class CallResult:
     finish_reason: str | None = None
     dry_run: bool = False
     usage_estimated: bool = False
+    batch: str | None = None
 
     @property
     def cut_off(self) -> bool | None:

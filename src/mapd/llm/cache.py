@@ -7,6 +7,8 @@ recorded failure stays in the file for inspection and is retried by the next run
 Each row keeps what its call cost, so the budget is a total over every run and process that
 shares the file. Processes sharing it claim a call before making it (a lease, renewed while the
 process lives), so two processes never pay for the same call twice; a dead process's claims expire.
+Batch API work is recorded here too (docs/batch.md): each uploaded input file and its requests, which
+stay pending (reserved against the budget, never claimed again) until their batch answered or gave up.
 """
 
 from __future__ import annotations
@@ -51,6 +53,36 @@ CREATE TABLE IF NOT EXISTS claims (
     reserved_usd REAL NOT NULL
 );
 """
+# Batch API work (docs/batch.md): one row per uploaded input file, recorded as soon as the upload returns and
+# before its batch is created, then updated with the batch's state at every poll; and one row per request in
+# it. A request is pending while unsettled: its batch may still answer it, so it is never submitted again.
+# Settled: its answer is in calls, or it was given up (failed, expired, cancelled: resubmitted or failed).
+_BATCHES = """
+CREATE TABLE IF NOT EXISTS batches (
+    input_file_id TEXT PRIMARY KEY,
+    teacher TEXT NOT NULL,
+    batch_id TEXT,
+    status TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    owner TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_requests (
+    key TEXT NOT NULL,
+    input_file_id TEXT NOT NULL,
+    call TEXT NOT NULL,
+    reserved_usd REAL NOT NULL,
+    settled INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key, input_file_id)
+);
+CREATE INDEX IF NOT EXISTS batch_requests_by_file ON batch_requests (input_file_id);
+"""
+BATCH_RESERVE_S = 48 * 3600.0  # an unsettled request's reservation outlives its 24 h window by a day, then lapses
 _COLUMNS = "text, error, input_tokens, output_tokens, latency_s, attempts, finish_reason"
 _ADDED = {"finish_reason": "TEXT", "cost_usd": "REAL"}  # columns a version-1 file made before them lacks
 
@@ -171,7 +203,7 @@ class CallCache:
     def _check_schema_in_transaction(self) -> None:
         tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
-            for statement in (_SCHEMA + _CLAIMS).split(";"):
+            for statement in (_SCHEMA + _CLAIMS + _BATCHES).split(";"):
                 if statement.strip():
                     self._db.execute(statement)
             self._db.execute("INSERT INTO mapd_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -188,7 +220,9 @@ class CallCache:
         for column, kind in _ADDED.items():
             if column not in present:
                 self._db.execute(f"ALTER TABLE calls ADD COLUMN {column} {kind}")
-        self._db.execute(_CLAIMS)
+        for statement in (_CLAIMS + _BATCHES).split(";"):
+            if statement.strip():
+                self._db.execute(statement)
 
     def get(self, key: str) -> CallResult | None:
         """The cached successful result for ``key`` (``cached=True``, no call key yet), else None."""
@@ -202,7 +236,8 @@ class CallCache:
 
     def put(self, key: str, result: CallResult, teacher: str = "", cost_usd: float = 0.0, owner: str = "") -> None:
         """Record ``result`` and what it cost (added to what earlier attempts cost), release ``owner``'s
-        claim on ``key``, and commit now; a failure never replaces a stored success."""
+        claim on ``key``, settle the batch request that answered it, and commit now; a failure never replaces
+        a stored success."""
         values = (key, teacher, result.text, result.error, result.input_tokens, result.output_tokens,
                   result.latency_s, result.attempts, result.finish_reason, time.time(), cost_usd)
         with self._transaction():
@@ -216,11 +251,77 @@ class CallCache:
                 values,
             )
             self._db.execute("DELETE FROM claims WHERE key=? AND owner=?", (key, owner))
+            if result.batch is not None:
+                self._db.execute("UPDATE batch_requests SET settled=1 WHERE key=? AND input_file_id=?",
+                                 (key, result.batch))
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    def add_batch_file(self, input_file_id: str, teacher: str, requests: list[tuple[str, str, float]],
+                       owner: str, lease_s: float) -> None:
+        """Record an uploaded batch input file and its requests ``(key, call, reserved_usd)``, before its batch
+        is created: the requests' reservations move from ``owner``'s claims to the file, in one transaction.
+        Until its batch id is recorded the file is ``owner``'s (a lease renewed with its claims): no other live
+        process creates a batch from it."""
+        now = time.time()
+        with self._transaction():
+            if self._db.execute("SELECT 1 FROM batches WHERE input_file_id=?", (input_file_id,)).fetchone():
+                raise MapdError(f"{self.path}: the endpoint named a new upload {input_file_id}, an id this cache "
+                                "already holds for an earlier batch (a restarted or different server?)")
+            self._db.execute("INSERT INTO batches (input_file_id, teacher, status, requests, created, updated, owner, "
+                             "expires) VALUES (?,?,?,?,?,?,?,?)",
+                             (input_file_id, teacher, "uploaded", len(requests), now, now, owner, now + lease_s))
+            self._db.executemany("INSERT INTO batch_requests (key, input_file_id, call, reserved_usd) VALUES (?,?,?,?)",
+                                 [(key, input_file_id, call, reserved) for key, call, reserved in requests])
+            self._db.executemany("DELETE FROM claims WHERE key=? AND owner=?", [(key, owner) for key, *_ in requests])
+
+    def update_batch(self, input_file_id: str, *, batch_id: str | None = None, status: str,
+                     completed: int = 0, failed: int = 0, error: str | None = None) -> None:
+        """Record a batch's state as the provider last reported it."""
+        with self._transaction():
+            self._db.execute("UPDATE batches SET batch_id=COALESCE(?, batch_id), status=?, completed=?, failed=?, "
+                             "error=COALESCE(?, error), updated=? WHERE input_file_id=?",
+                             (batch_id, status, completed, failed, error, time.time(), input_file_id))
+
+    def pending_batch(self, key: str) -> str | None:
+        """The input file of the batch that may still answer ``key`` (an unsettled request), else None."""
+        with self._access():
+            row = self._db.execute("SELECT input_file_id FROM batch_requests WHERE key=? AND settled=0 "
+                                   "ORDER BY rowid DESC", (key,)).fetchone()
+        return row[0] if row else None
+
+    def settle(self, input_file_id: str, key: str | None = None) -> None:
+        """Mark the request ``key`` of that batch (every one of its requests when None) given up: the batch
+        will not answer it."""
+        with self._access():
+            self._db.execute("UPDATE batch_requests SET settled=1 WHERE input_file_id=? AND (? IS NULL OR key=?)",
+                             (input_file_id, key, key))
+
+    def submissions(self, key: str) -> int:
+        """How many batches ``key`` was submitted in."""
+        with self._access():
+            return self._db.execute("SELECT COUNT(*) FROM batch_requests WHERE key=?", (key,)).fetchone()[0]
+
+    def batch(self, input_file_id: str) -> dict:
+        """One batch's row."""
+        return self.batches(input_file_id)[0]
+
+    def batches(self, input_file_id: str | None = None) -> list[dict]:
+        """Every recorded batch (or the one of ``input_file_id``), oldest first, with ``unsettled``: its requests
+        still waiting for it."""
+        where, args = ("WHERE b.input_file_id=?", (input_file_id,)) if input_file_id else ("", ())
+        with self._access():
+            cursor = self._db.execute(
+                "SELECT b.*, (SELECT COUNT(*) FROM batch_requests r WHERE r.input_file_id=b.input_file_id "
+                f"AND r.settled=0) AS unsettled FROM batches b {where} ORDER BY b.created, b.rowid", args)
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
 
     def claim(self, key: str, owner: str, *, lease_s: float, reserve_usd: float = 0.0,
               budget_usd: float | None = None) -> Literal["claimed", "answered", "busy", "over budget"]:
         """Claim the call ``key`` for ``owner`` (this process) before making it: "answered" when another
-        process has made it meanwhile, "busy" while another live process holds it, "over budget" when
+        process has made it meanwhile, "busy" while another live process holds it or a batch may still answer
+        it, "over budget" when
         ``reserve_usd`` on top of everything paid through this cache and every live claim's reservation
         would pass ``budget_usd``, or when a budget at least as large was reached before (so a rerun with the
         same budget makes no call; a raised one goes on). A dead process's claims expire."""
@@ -231,6 +332,8 @@ class CallCache:
             holder = self._db.execute("SELECT owner FROM claims WHERE key=? AND expires>?", (key, now)).fetchone()
             if holder is not None and holder[0] != owner:
                 return "busy"
+            if self._db.execute("SELECT 1 FROM batch_requests WHERE key=? AND settled=0", (key,)).fetchone():
+                return "busy"  # a batch may still answer it
             if budget_usd is not None:
                 reached = self._db.execute("SELECT value FROM mapd_meta WHERE name='budget_reached_usd'").fetchone()
                 if (reached and budget_usd <= float(reached[0])) or self._committed_usd(now) + reserve_usd > budget_usd:
@@ -241,15 +344,17 @@ class CallCache:
             return "claimed"
 
     def renew(self, owner: str, lease_s: float) -> None:
-        """Extend ``owner``'s claims: it is alive."""
+        """Extend ``owner``'s claims and its uploaded files' leases: it is alive."""
         with self._access():
             self._db.execute("UPDATE claims SET expires=? WHERE owner=?", (time.time() + lease_s, owner))
+            self._db.execute("UPDATE batches SET expires=? WHERE owner=?", (time.time() + lease_s, owner))
 
     def release(self, owner: str, key: str | None = None) -> None:
-        """Drop ``owner``'s claim on ``key`` (all of its claims when ``key`` is None)."""
+        """Drop ``owner``'s claim on ``key`` (all of its claims and upload leases when ``key`` is None)."""
         with self._access():
             if key is None:
                 self._db.execute("DELETE FROM claims WHERE owner=?", (owner,))
+                self._db.execute("UPDATE batches SET expires=0 WHERE owner=?", (owner,))
             else:
                 self._db.execute("DELETE FROM claims WHERE key=? AND owner=?", (key, owner))
 
@@ -259,9 +364,13 @@ class CallCache:
             return self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM calls").fetchone()[0]
 
     def _committed_usd(self, now: float) -> float:
+        """Paid, plus what live claims and unsettled batch requests (within BATCH_RESERVE_S) hold."""
         return self._db.execute(
             "SELECT (SELECT COALESCE(SUM(cost_usd), 0) FROM calls) + "
-            "(SELECT COALESCE(SUM(reserved_usd), 0) FROM claims WHERE expires>?)", (now,)).fetchone()[0]
+            "(SELECT COALESCE(SUM(reserved_usd), 0) FROM claims WHERE expires>?) + "
+            "(SELECT COALESCE(SUM(r.reserved_usd), 0) FROM batch_requests r JOIN batches b "
+            "ON r.input_file_id=b.input_file_id WHERE r.settled=0 AND b.created>?)",
+            (now, now - BATCH_RESERVE_S)).fetchone()[0]
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

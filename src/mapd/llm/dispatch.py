@@ -21,7 +21,7 @@ import statistics
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -32,6 +32,7 @@ from tqdm import tqdm
 from mapd.config import TeacherConfig
 from mapd.errors import IncompleteStage, MapdError
 from mapd.llm.base import Call, CallKey, CallResult
+from mapd.llm.batch import TERMINAL, BatchProvider
 from mapd.llm.cache import CallCache, cache_key
 from mapd.llm.local_provider import LocalProvider
 from mapd.llm.openai_provider import Backoff, OpenAIProvider, approx_tokens
@@ -63,6 +64,11 @@ class TeacherStats:
     not_made: int = 0
     usage_estimated: int = 0
     stopped: str | None = None
+    batch_calls: int = 0
+    batch_input_tokens: int = 0
+    batch_output_tokens: int = 0
+    batch_cost_usd: float = 0.0
+    batches: int = 0
     latencies: list[float] = field(default_factory=list)
 
     def summary(self) -> TeacherStatsRecord:
@@ -72,6 +78,9 @@ class TeacherStats:
             calls=self.calls, cache_hits=self.cache_hits, failures=self.failures, input_tokens=self.input_tokens,
             output_tokens=self.output_tokens, cost_usd=round(self.cost_usd, 6), seconds=round(self.seconds, 3),
             not_made=self.not_made, usage_estimated=self.usage_estimated, stopped=self.stopped,
+            batch_calls=self.batch_calls, batch_input_tokens=self.batch_input_tokens,
+            batch_output_tokens=self.batch_output_tokens, batch_cost_usd=round(self.batch_cost_usd, 6),
+            batches=self.batches,
             latency_p50_s=round(statistics.median(ordered), 3) if ordered else None,
             latency_p95_s=round(ordered[math.ceil(0.95 * len(ordered)) - 1], 3) if ordered else None,
         )
@@ -89,9 +98,10 @@ class Estimate:
 
 
 def _worst_case(teacher: TeacherConfig, call: Call) -> tuple[int, float]:
-    """(estimated input tokens, worst-case cost: the reply uses all of max_tokens)."""
+    """(estimated input tokens, worst-case cost: the reply uses all of max_tokens, at batch prices for a batch
+    teacher unless it may retry live)."""
     tokens = approx_tokens(call.messages)
-    return tokens, teacher.cost(tokens, teacher.max_tokens)
+    return tokens, teacher.cost(tokens, teacher.max_tokens, batch=teacher.batch and not teacher.batch_retry_live)
 
 
 async def _close_all(providers: dict[str, OpenAIProvider]) -> None:
@@ -157,6 +167,10 @@ class Dispatcher:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # names this process's claims
         self._local = {name: LocalProvider(t) for name, t in self.teachers.items() if t.provider == "local"}
         self._http: dict[str, OpenAIProvider] = {}  # made inside the loop, kept until close()
+        self._batches: dict[str, BatchProvider] = {}  # teacher -> its batches (made on first use)
+        self._batch_status: dict[str, str] = {}  # teacher -> its running batches, for the progress bar
+        self._working = 0  # calls being worked on now, batch calls waiting for their batch excepted
+        self._asked = 0  # calls asked for so far: batches go out once this stops changing
         self._in_flight: dict[str, asyncio.Future] = {}  # cache key -> the call answering it
         self._estimated_keys: set[str] = set()
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -181,9 +195,9 @@ class Dispatcher:
 
     # -- driving --------------------------------------------------------------------------------
 
-    def run(self, work: Awaitable[T], desc: str = "calls") -> T:
+    def run(self, work: Awaitable[T], desc: str | None = "calls") -> T:
         """Drive ``work`` (a coroutine that awaits :meth:`complete`) to its end on the dispatcher's loop,
-        with a progress bar of the calls (and of the spend, when the teachers have prices)."""
+        with a progress bar of the calls (and of the spend and the running batches), unless ``desc`` is None."""
         try:
             if not self._finalizer.alive:
                 raise RuntimeError("this Dispatcher is closed")
@@ -207,22 +221,24 @@ class Dispatcher:
 
         return self.run(every(), desc)
 
-    async def _drive(self, work: Awaitable[T], desc: str) -> T:
+    async def _drive(self, work: Awaitable[T], desc: str | None) -> T:
         for name in self.teachers:  # every client before the first request
             self._slots.setdefault(name, asyncio.Semaphore(self.teachers[name].max_concurrency))
             if not self.dry_run and name not in self._local:
                 self._provider(name)
         self._busy = {}
-        self._bar = tqdm(total=0, desc=desc, unit="call")
+        self._bar = None if desc is None else tqdm(total=0, desc=desc, unit="call")
         heartbeat = asyncio.ensure_future(self._keep_claims())
         try:
-            with self._bar:
+            with self._bar or contextlib.nullcontext():
                 return await work
         finally:  # also on an error or an interrupt: nothing of this run outlives it on the dispatcher's loop
             self._bar = None
             heartbeat.cancel()
             await _cancel_the_rest()
             self.cache.release(self.owner)
+            for batches in self._batches.values():
+                batches.forget()
             for name, (first, last) in self._busy.items():
                 self.stats[name].seconds += last - first
 
@@ -242,6 +258,7 @@ class Dispatcher:
             raise MapdError(f"{call.key}: unknown teacher '{name}' (teachers: {', '.join(self.teachers) or 'none'})")
         teacher = self.teachers[name]
         key = cache_key(teacher, call, self.identities.get(name))
+        self._asked += 1
         if self._bar is not None:
             self._bar.total += 1  # shown at the next update: a redraw per call would cost more than the call
         try:
@@ -263,27 +280,53 @@ class Dispatcher:
                 self._bar.update()
 
     async def _make(self, teacher: TeacherConfig, call: Call, key: str) -> CallResult:
-        """One call to the model within the teacher's concurrency and the budget; cached and counted."""
-        local = teacher.name in self._local  # its queue batches the calls: no slot to wait for
-        provider = self._local[teacher.name] if local else self._provider(teacher.name)
-        async with contextlib.nullcontext() if local else self._slots[teacher.name]:
-            stopped = None if local else provider.stopped
-            if stopped or self.budget_reached:
-                return self._not_made(teacher, call, f"TeacherStopped: {stopped}" if stopped else BUDGET_ERROR)
-            answered = await self._claim(teacher, call, key)  # as the call starts: one waiting for a slot holds no budget
-            if answered is not None:
-                return answered
-            try:
-                self._started(teacher.name)
-                result = await provider.complete(call)
-            except BaseException:
-                self.cache.release(self.owner, key)
-                raise
-        self._record(teacher, key, result)
+        """One call to the model within the teacher's concurrency and the budget; cached and counted. A batch
+        teacher's call waits for its batch; so does any call that a batch submitted earlier may still answer."""
+        name = teacher.name
+        self._working += 1  # a call waiting for its batch is not worked on: then batches may go out
+        try:
+            pending = None if name in self._local else self.cache.pending_batch(key)
+            if pending is not None:
+                with self._idle(True):
+                    result = await self._batch(name).complete(call, key, pending)
+            else:
+                async with self._slot(teacher):
+                    result = await self._not_made_or_claimed(teacher, call, key)
+                    if result is None:  # claimed: this process makes the call
+                        self._started(name)
+                        if teacher.batch:
+                            making = self._batch(name).complete(call, key)
+                        else:
+                            making = (self._local[name] if name in self._local else self._provider(name)).complete(call)
+                        try:
+                            with self._idle(teacher.batch):
+                                result = await making
+                        except BaseException:
+                            self.cache.release(self.owner, key)
+                            raise
+        finally:
+            self._working -= 1
+        if not result.cached and result.attempts:  # not a cached reply, nor a call not made
+            self._record(teacher, key, result)
         return result
 
-    async def _claim(self, teacher: TeacherConfig, call: Call, key: str) -> CallResult | None:
-        """None once this process holds the call; otherwise its answer: another process's reply, or not made."""
+    def _slot(self, teacher: TeacherConfig) -> contextlib.AbstractAsyncContextManager:
+        """Where the teacher's calls wait for a free request slot (a local model's queue and batches need none)."""
+        if teacher.name in self._local or teacher.batch:
+            return contextlib.nullcontext()
+        return self._slots[teacher.name]
+
+    async def _not_made_or_claimed(self, teacher: TeacherConfig, call: Call, key: str,
+                                   counted: bool = True) -> CallResult | None:
+        """None once this process may make the call; else its answer (another process's) or why it is not made."""
+        stopped = None if teacher.name in self._local else self._provider(teacher.name).stopped
+        if stopped or self.budget_reached:
+            return self._not_made(teacher, call, f"TeacherStopped: {stopped}" if stopped else BUDGET_ERROR)
+        return await self._claim(teacher, call, key, counted)  # as the call starts: one waiting for a slot holds no budget
+
+    async def _claim(self, teacher: TeacherConfig, call: Call, key: str, counted: bool = True) -> CallResult | None:
+        """None once this process holds the call; otherwise its answer: another process's reply, or not made.
+        While it waits for another process (``counted``: the call counts as being worked on), it does not."""
         while True:
             verdict = self.cache.claim(key, self.owner, lease_s=CLAIM_LEASE_S, reserve_usd=_worst_case(teacher, call)[1],
                                        budget_usd=self.max_budget_usd)
@@ -298,20 +341,40 @@ class Dispatcher:
                     log.warning("budget max_budget_usd=%g reached (%.4f USD paid through %s): no new calls",
                                 self.max_budget_usd, self.cache.spent_usd(), self.cache.path)
                 return self._not_made(teacher, call, BUDGET_ERROR)
-            await asyncio.sleep(CLAIM_POLL_S)  # another process is making this very call: wait for its reply
+            with self._idle(counted):  # another process is making this very call: wait for its reply
+                await asyncio.sleep(CLAIM_POLL_S)
             hit = self.cache.get(key)
             if hit is not None:
                 self.stats[teacher.name].cache_hits += 1
                 return hit
+            pending = self.cache.pending_batch(key)
+            if pending is not None:  # that process submitted it in a batch: wait for the batch
+                with self._idle(counted):
+                    return await self._batch(teacher.name).complete(call, key, pending)
+
+    @contextlib.contextmanager
+    def _idle(self, counted: bool) -> Iterator[None]:
+        """A counted call that waits (for its batch, or another process) is not worked on meanwhile: batches may
+        go out."""
+        self._working -= counted
+        try:
+            yield
+        finally:
+            self._working += counted
 
     def _not_made(self, teacher: TeacherConfig, call: Call, why: str) -> CallResult:
         self.stats[teacher.name].not_made += 1
         return CallResult(call.key, None, why, attempts=0)
 
     def _record(self, teacher: TeacherConfig, key: str, result: CallResult) -> None:
-        spent = teacher.cost(result.input_tokens, result.output_tokens)
+        spent = teacher.cost(result.input_tokens, result.output_tokens, batch=result.batch is not None)
         self.cache.put(key, result, teacher.name, spent, self.owner)
         stats = self.stats[teacher.name]
+        if result.batch is not None:
+            stats.batch_calls += 1
+            stats.batch_input_tokens += result.input_tokens
+            stats.batch_output_tokens += result.output_tokens
+            stats.batch_cost_usd += spent
         stats.calls += 1
         stats.failures += result.text is None
         stats.usage_estimated += result.usage_estimated
@@ -323,9 +386,16 @@ class Dispatcher:
         provider = self._http.get(teacher.name)
         if result.text is None and not (provider and provider.stopped):  # a stopped teacher said so once
             log.warning("%s failed: %s", result.key, result.error)
-        if self._bar is not None and spent:
-            self._bar.set_postfix_str(f"{self.spent_usd:.4f} USD", refresh=False)
-        self._busy[teacher.name][1] = time.perf_counter()
+        if spent:
+            self._show_progress()
+        self._busy.setdefault(teacher.name, [time.perf_counter()] * 2)[1] = time.perf_counter()
+
+    def _show_progress(self) -> None:
+        """The progress bar's note: what was spent, and the running batches."""
+        if self._bar is not None:
+            notes = [f"{self.spent_usd:.4f} USD"] if self.spent_usd else []
+            notes += [f"{name}: {line}" for name, line in self._batch_status.items() if line]
+            self._bar.set_postfix_str("; ".join(notes), refresh=False)
 
     def _stand_in(self, teacher: TeacherConfig, call: Call, key: str) -> CallResult:
         """A dry run's reply: tallied once per distinct call, as long as the longest reply (~4 characters a token)."""
@@ -344,6 +414,23 @@ class Dispatcher:
     def _started(self, name: str) -> None:
         self._busy.setdefault(name, [time.perf_counter()] * 2)
 
+    def _batch(self, name: str) -> BatchProvider:
+        """The teacher's batches (made on first use, and for any HTTP teacher: a call that a batch submitted
+        earlier may answer is waited for even when the teacher now answers live)."""
+        if name not in self._batches:
+            teacher = self.teachers[name]
+
+            def status(line: str) -> None:
+                self._batch_status[name] = line
+                self._show_progress()
+
+            self._batches[name] = BatchProvider(
+                self._provider(name), self.cache, owner=self.owner, lease_s=CLAIM_LEASE_S,
+                calm=lambda: None if self._working else self._asked,
+                reclaim=lambda call, key: self._not_made_or_claimed(teacher, call, key, counted=False),
+                reserve=lambda call: _worst_case(teacher, call)[1], on_status=status)
+        return self._batches[name]
+
     def _provider(self, name: str) -> OpenAIProvider:
         """The teacher's HTTP client, made on first use and kept until ``close()``."""
         if name not in self._http:
@@ -357,7 +444,28 @@ class Dispatcher:
         """``{teacher: TeacherStats}`` as teach_stats.json stores it."""
         for name, provider in self._http.items():
             self.stats[name].stopped = provider.stopped
+        for name, batches in self._batches.items():
+            self.stats[name].batches = batches.submitted
         return {name: stats.summary() for name, stats in self.stats.items()}
+
+    def batch_table(self) -> str:
+        """Every batch recorded in the cache, the running ones asked for their state first, as a printable table."""
+        async def refresh() -> None:
+            for row in self.cache.batches():
+                name = row["teacher"]
+                teacher = self.teachers.get(name)
+                if row["batch_id"] and row["status"] not in TERMINAL and teacher and teacher.provider == "openai":
+                    await self._batch(name).refresh(row["input_file_id"])
+
+        self.run(refresh(), desc=None)
+        columns = ("teacher", "batch_id", "status", "requests", "completed", "failed", "unsettled", "created", "error")
+        table = Table(title=f"batches in {self.cache.path} (unsettled: requests still waiting for their batch)")
+        for column in columns:
+            table.add_column(column.replace("_", " "), justify="right" if column in columns[3:7] else "left")
+        for row in self.cache.batches():
+            row["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))
+            table.add_row(*("-" if row[c] is None else str(row[c]) for c in columns))
+        return _render(table)
 
     def summary_table(self) -> str:
         """The summary as a printable table."""
@@ -369,6 +477,10 @@ class Dispatcher:
         for name, row in self.summary().items():
             values = row.model_dump()
             table.add_row(name, *("-" if values[c] is None else str(values[c]) for c in columns))
-        console = Console(file=io.StringIO(), width=160)
-        console.print(table)
-        return console.file.getvalue()
+        return _render(table)
+
+
+def _render(table: Table) -> str:
+    console = Console(file=io.StringIO(), width=160)
+    console.print(table)
+    return console.file.getvalue()

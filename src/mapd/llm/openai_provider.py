@@ -19,9 +19,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import TypeVar
 
 import httpx2
 import openai
@@ -34,6 +35,7 @@ from mapd.llm.base import Call, CallResult
 from mapd.secrets import Redactor, endpoint, protect_logs, redact_url
 
 log = logging.getLogger("mapd.llm")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,12 @@ class TeacherStopped(Exception):
 STOPS_TEACHER = (401, 403, 404)
 _UNKNOWN_MODEL = re.compile(r"model\b.{0,100}?(?:not (?:be )?found|does not exist|unknown|not supported)", re.I | re.S)
 USAGE_LIMIT = 10_000_000  # token counts above this are not believed
+
+
+def request_body(teacher: TeacherConfig, messages: list[dict[str, str]]) -> dict:
+    """The JSON body of one chat completion request (live, or a line of a batch input file)."""
+    return {"model": teacher.model, "messages": messages, "temperature": teacher.temperature, "top_p": teacher.top_p,
+            teacher.max_tokens_field: teacher.max_tokens, **teacher.extra_body}
 
 
 def approx_tokens(messages: list[dict[str, str]]) -> int:
@@ -136,16 +144,8 @@ class OpenAIProvider:
         ``CallResult(text=None, error=...)``."""
         start = time.perf_counter()
         attempts = 0
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.teacher.max_retries + 1),
-            wait=self._wait,
-            retry=retry_if_exception(is_transient),
-            before_sleep=self._log_retry,
-            sleep=self._sleep,
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
+            async for attempt in self.retrying():
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
                     if self.stopped:
@@ -154,18 +154,40 @@ class OpenAIProvider:
         except TeacherStopped as exc:
             result = CallResult(call.key, None, f"TeacherStopped: {exc}")
         except Exception as exc:  # every failure becomes a recorded result, never an exception in the stage
-            result = CallResult(call.key, None, self._describe(exc))
+            result = CallResult(call.key, None, self.describe(exc))
         return result.of(call.key, latency_s=time.perf_counter() - start, attempts=attempts)
 
-    async def _counted(self, attempt: Awaitable[CallResult]) -> CallResult:
+    def retrying(self) -> AsyncRetrying:
+        """The teacher's retry policy: transient errors, up to max_retries more attempts, backoff or Retry-After."""
+        return AsyncRetrying(stop=stop_after_attempt(self.teacher.max_retries + 1), wait=self._wait,
+                             retry=retry_if_exception(is_transient), before_sleep=self._log_retry, sleep=self._sleep,
+                             reraise=True)
+
+    async def request(self, make: Callable[[], Awaitable[T]], *, missing_ok: bool = False) -> T:
+        """``make()`` (a request to the endpoint other than a completion: files, batches) with the retry policy
+        and the circuit breaker; the last error is raised (TeacherStopped once the teacher is stopped).
+        ``missing_ok``: a 404 means the object asked for is gone, not the endpoint; it stops nothing."""
+        async for attempt in self.retrying():
+            with attempt:
+                if self.stopped:
+                    raise TeacherStopped(self.stopped)
+                return await self._counted(make(), missing_ok=missing_ok)
+        raise AssertionError("unreachable: the retry policy reraises")
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The teacher's HTTP client (its credentials set)."""
+        return self._client
+
+    async def _counted(self, attempt: Awaitable[T], *, missing_ok: bool = False) -> T:
         """One attempt, with the circuit breaker's count: an error every call would get stops the teacher at
         once; so do ``max_consecutive_failures`` transient failures in a row (429s excepted) over at least
         ``failing_for_s`` seconds without a reply (an endpoint that is down, not one that is flaky)."""
         try:
             result = await attempt
         except Exception as exc:
-            if stops_teacher(exc):
-                self.stop(self._describe(exc))
+            if stops_teacher(exc) and not (missing_ok and isinstance(exc, openai.NotFoundError)):
+                self.stop(self.describe(exc))
             elif is_transient(exc) and getattr(exc, "status_code", None) != 429:
                 now = time.monotonic()
                 if self._failures_in_a_row == 0:
@@ -175,7 +197,7 @@ class OpenAIProvider:
                 if (self._failures_in_a_row >= self.teacher.max_consecutive_failures
                         and failing_for >= self.teacher.failing_for_s):
                     self.stop(f"{self._failures_in_a_row} failed attempts in a row over {failing_for:.0f} s, "
-                              f"the last: {self._describe(exc)}")
+                              f"the last: {self.describe(exc)}")
             raise
         self._failures_in_a_row = 0
         return result
@@ -205,9 +227,13 @@ class OpenAIProvider:
         if self._token_limiter:
             needed = approx_tokens(messages) + teacher.max_tokens
             await self._limited(self._token_limiter, min(needed, teacher.tokens_per_minute), "tokens_per_minute")
-        body = {"model": teacher.model, "messages": messages, "temperature": teacher.temperature,
-                "top_p": teacher.top_p, teacher.max_tokens_field: teacher.max_tokens, **teacher.extra_body}
-        reply = await self._client.post("/chat/completions", body=body, cast_to=object)  # the JSON reply as is
+        reply = await self._client.post("/chat/completions", body=request_body(teacher, messages), cast_to=object)
+        return self.parse_reply(call, reply)  # the JSON reply as is
+
+    def parse_reply(self, call: Call, reply: object) -> CallResult:
+        """The result in a chat completion's JSON (a live reply or a batch output line's body): a refusal
+        is a failed result; UnusableReply when it carries no text."""
+        messages = call.messages
         choices = reply.get("choices") if isinstance(reply, dict) else None
         if not choices:
             raise UnusableReply("the reply has no choices")
@@ -217,7 +243,7 @@ class OpenAIProvider:
         refusal = message.get("refusal")
         if refusal or finish_reason == "content_filter":
             reason = refusal or "finish_reason is content_filter"
-            return CallResult(call.key, None, self._describe_text(f"Refusal: {reason}"), finish_reason=finish_reason,
+            return CallResult(call.key, None, self.describe_text(f"Refusal: {reason}"), finish_reason=finish_reason,
                               **self._usage(reply, messages, str(reason)))
         text = message.get("content")
         if not isinstance(text, str) or not text.strip():
@@ -261,11 +287,11 @@ class OpenAIProvider:
         capped = f" (the server asked for {asked:.0f} s)" if asked is not None and asked > self._backoff.retry_after_max_s else ""
         log.info(
             "teacher %s: %s; retry %d/%d in %.1f s%s",
-            self.teacher.name, self._describe(exc)[:200], state.attempt_number, self.teacher.max_retries,
+            self.teacher.name, self.describe(exc)[:200], state.attempt_number, self.teacher.max_retries,
             state.next_action.sleep if state.next_action else 0.0, capped,
         )
 
-    def _describe(self, exc: BaseException | None) -> str:
+    def describe(self, exc: BaseException | None) -> str:
         """``Type: message``, plus the underlying error's when there is one: the SDK's aiohttp transport
         reports a refused connection as "APITimeoutError: Request timed out." and the cause says what happened."""
         text = f"{type(exc).__name__}: {exc}"
@@ -274,9 +300,9 @@ class OpenAIProvider:
             root = root.__cause__
         if root is not exc:
             text += f" ({type(root).__name__}: {root})"
-        return self._describe_text(text)
+        return self.describe_text(text)
 
-    def _describe_text(self, text: str) -> str:
+    def describe_text(self, text: str) -> str:
         """``text`` cut to 500 characters with the key and the endpoint's credentials removed."""
         base_url = str(self.teacher.base_url or "")
         if base_url:

@@ -109,8 +109,7 @@ def run_teach(folder: RoundLayout, *, task: TaskConfig, teachers: list[TeacherCo
     mistakes = read_mistakes(folder.mistakes)
     check_mistakes(folder.mistakes, mistakes, answer_kind, task.name)
     check_local_teachers(teachers)
-    cache_file = Path(cache_path).expanduser() if cache_path else folder.default_cache
-    check_cache_path(cache_file)
+    cache_file = _cache_file(folder, cache_path)
     if not dry_run:
         check_folder(folder.dir, [folder.feedback, folder.rationales, folder.teach_stats])
         check_credentials(teachers)  # an unset key variable, before the cache file is made
@@ -118,6 +117,21 @@ def run_teach(folder: RoundLayout, *, task: TaskConfig, teachers: list[TeacherCo
         return _teach_into(folder, mistakes, committee=committee, answer_kind=answer_kind, cache_file=cache_file,
                            teachers=teachers, prompts=prompts, review=review, max_budget_usd=max_budget_usd,
                            dry_run=dry_run)
+
+
+def _cache_file(folder: RoundLayout, cache_path: str | None) -> Path:
+    """The teach call cache: ``cache_path``, else the round folder's own; checked, nothing made."""
+    return check_cache_path(Path(cache_path).expanduser() if cache_path else folder.default_cache)
+
+
+def run_batch_status(folder: RoundLayout, *, teachers: list[TeacherConfig], cache_path: str | None) -> None:
+    """Print the batches recorded in the teach call cache, the running ones asked for their state first
+    (``mapd teach --batch-status``; needs no lock, so it works while the teach run polls)."""
+    cache_file = _cache_file(folder, cache_path)
+    if not cache_file.exists():
+        raise MapdError(f"{cache_file}: no call cache yet, so no batch was submitted")
+    with CallCache(cache_file) as cache, Dispatcher(teachers, cache) as dispatcher:
+        print(dispatcher.batch_table())
 
 
 def _served_teachers(teachers: list[TeacherConfig], folder: RoundLayout,
