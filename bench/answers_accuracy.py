@@ -5,7 +5,7 @@
 
 Each line of tests/data/labelled_answers.jsonl says what one text commits to as its final answer,
 as read by a person (``null``: no committed answer). The texts themselves are not in the repository:
-they are read from the paper's reference data, ../shared/reference-data (or $MAPD_REFERENCE_DATA).
+they are read from the paper's reference data, the folder $MAPD_REFERENCE_DATA names (bench/_common.py).
 
 The labelled texts are three seeded random draws (``draws`` reproduces them) plus a few hand-picked
 hard cases ("extra", reported apart):
@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mapd.answers import extract
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for bench._common
+
+from bench._common import reference_data, reference_rule  # noqa: E402
+
+from mapd.answers import extract  # noqa: E402
+
 LABELS = REPO / "tests" / "data" / "labelled_answers.jsonl"
 TEACHERS = ("gpt", "gemini", "mistral")
 FILES = {
@@ -40,11 +42,6 @@ GROUPS = ("svamp_student", "svamp_rationale", "strategyqa_student")
 SAMPLES = ("dev", "holdout1", "holdout2")
 
 Ref = tuple[str, int]  # (source, ref_id), source like "svamp_student" or "svamp_rationale:gpt"
-
-
-def reference_dir() -> Path:
-    """Where the reference data lives: $MAPD_REFERENCE_DATA, else ../shared/reference-data."""
-    return Path(os.environ.get("MAPD_REFERENCE_DATA", REPO.parent / "shared" / "reference-data"))
 
 
 def _records(ref_dir: Path) -> dict[str, list[dict]]:
@@ -92,18 +89,6 @@ def load_labels(path: Path = LABELS) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def naive(text: str, kind: str) -> str | None:
-    """The reference implementation's rules: the last number; the first "true"/"false"."""
-    if kind == "number":
-        numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-        if not numbers:
-            return None
-        value = numbers[-1].replace(",", "")
-        return value[:-2] if value.endswith(".0") else value
-    word = re.search(r"\b(true|false)\b", text, re.I)
-    return word.group(1).lower() if word else None
-
-
 @dataclass
 class Row:
     group: str
@@ -139,7 +124,7 @@ def measure(labels: list[dict], texts: dict[Ref, str]) -> tuple[dict[str, Row], 
         for key in keys:
             row = rows.setdefault(key, Row(key))
             row.n += 1
-            row.naive_right += naive(text, label["kind"]) == label["label"]
+            row.naive_right += reference_rule(text, label["kind"]) == label["label"]
             row.ours_right += ours == label["label"]
         if ours != label["label"]:
             misses.append({**label, "ours": ours, "text": text})
@@ -160,11 +145,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--misses", action="store_true", help="print the texts where ours disagrees with the label")
     args = parser.parse_args()
-    ref_dir = reference_dir()
-    if not ref_dir.is_dir():
-        print(f"reference data not found at {ref_dir} (set MAPD_REFERENCE_DATA)", file=sys.stderr)
-        return 2
-    rows, misses = measure(load_labels(), load_texts(ref_dir))
+    rows, misses = measure(load_labels(), load_texts(reference_data()))
     print("All three random draws:\n")
     print(table(rows, list(GROUPS) + [f"svamp_rationale:{t}" for t in TEACHERS]))
     print("\nBy draw (dev: read while developing; holdouts: labelled before the extractor saw them):\n")

@@ -2,15 +2,14 @@
 
     OMP_NUM_THREADS=1 python bench/answers_collect.py --model smollm2 --max-new-tokens 96 --per-task 20
 
-For each of GSM8K, SVAMP, StrategyQA and LogiQA (test splits, read from ../shared/data), a seeded
-random draw of questions (the seed is the model, the token limit and the task, so each model and
-limit gets its own questions) is answered greedily with the pipeline's answer prompt (its default
-answer template and answer lines, copied here so that collection does not depend on the prompt API;
-a test checks them against mapd.prompts when it is importable). Each output is appended to
+For each of GSM8K, SVAMP, StrategyQA and LogiQA (test splits, read from $MAPD_SHARED_DATA, see
+bench/_common.py), a seeded random draw of questions (the seed is the model, the token limit and the
+task, so each model and limit gets its own questions) is answered greedily with the pipeline's
+answer prompt (mapd.prompts.answer_messages with the default PromptConfig). Each output is appended to
 ``tests/data/answers_raw_<model>_<limit>.jsonl`` as soon as its batch ends (a rerun skips what is
 there) with: model, task, split, ref id, max_new_tokens, output_tokens, cut_off (the model used all
 max_new_tokens: it was stopped by the limit), text and gold. Questions and options are not stored:
-they stay in ../shared/data and the tests read them from there.
+they stay in the datasets folder and the tests read them from there.
 
 The set in the repository was made with:
     smollm2 at 96 and 256 tokens, --per-task 20; qwen at 96 and 256 tokens, --per-task 12;
@@ -34,7 +33,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))  # for bench._common
+
+from bench._common import shared_data  # noqa: E402
+
 MODELS = {"smollm2": "embedded:smollm2-135m-instruct", "qwen": "embedded:qwen2.5-coder-0.5b-instruct"}
 TASKS = ("gsm8k", "svamp", "strategyqa", "logiqa")
 SPLIT = "test"
@@ -44,7 +46,7 @@ KINDS = {"gsm8k": "number", "svamp": "number", "strategyqa": "bool", "logiqa": "
 
 
 def question_of(task: str, row: dict) -> tuple[str, str]:
-    """(question as the pipeline shows it, gold) for one row of ../shared/data/<task>/<split>.jsonl."""
+    """(question as the pipeline shows it, gold) for one row of $MAPD_SHARED_DATA/<task>/<split>.jsonl."""
     if task == "logiqa":
         lines = [f"{row['context']}\n{row['query']}", ""] + [f"{'ABCD'[i]}. {o}" for i, o in enumerate(row["options"])]
         return "\n".join(lines), "ABCD"[row["correct_option"]]
@@ -55,7 +57,7 @@ def question_of(task: str, row: dict) -> tuple[str, str]:
 
 def draw(task: str, model: str, limit: int, n: int) -> list[dict]:
     """The seeded draw of ``n`` test rows of ``task`` for one model and token limit."""
-    rows = [json.loads(line) for line in (SHARED_DATA / task / f"{SPLIT}.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (shared_data() / task / f"{SPLIT}.jsonl").read_text().splitlines()]
     rng = random.Random(f"answers-cutoff/{model}/{limit}/{task}")
     return rng.sample(rows, n)
 

@@ -7,10 +7,11 @@
 The texts are in tests/data/answers_cutoff.jsonl: greedy answers of SmolLM2-135M-Instruct and
 Qwen2.5-Coder-0.5B-Instruct to seeded draws of GSM8K, SVAMP, StrategyQA and LogiQA test questions at
 two token limits (collected by bench/answers_collect.py). Each line has the model, task, split,
-ref_id (the question's id in ../shared/data), max_new_tokens, cut_off (the model used every token),
-the text, the gold answer and, labelled by a person reading the text alone: ``label`` (the answer
-the text commits to, null for none) and ``why``. Options of LogiQA questions are read from
-../shared/data (or $MAPD_SHARED_DATA).
+ref_id (the question's id in the task's test split), max_new_tokens, cut_off (the model used every
+token), the text, the gold answer and, labelled by a person reading the text alone: ``label`` (the
+answer the text commits to, null for none) and ``why``. Options of LogiQA questions are read from
+$MAPD_SHARED_DATA/logiqa/test.jsonl (bench/_common.py). The last line printed is how often
+``mapd.answers.unfinished`` (the text alone) agrees with the token count on which texts were cut off.
 
 ``sample`` is "dev" (read while the rules were written), "holdout" (a seeded ~35 % draw of the 96- and
 256-token texts, decided before any text was read, labelled without looking at the extractor's output
@@ -22,27 +23,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from mapd.answers import extract
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for bench._common
+
+from bench._common import naive, shared_data  # noqa: E402
+
+from mapd.answers import extract, unfinished  # noqa: E402
+
 DATA = REPO / "tests" / "data"
 SET = DATA / "answers_cutoff.jsonl"
 MODELS = ("smollm2", "qwen")
 TASKS = ("gsm8k", "svamp", "strategyqa", "logiqa")
 HOLDOUT_SHARE = 0.35
-
-
-def shared_data() -> Path:
-    return Path(os.environ.get("MAPD_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
 HOLDOUT2_LIMIT = 160  # a third token limit, collected and labelled after the rules were frozen
 
 
@@ -63,21 +60,6 @@ def load_options(data: Path | None = None) -> dict[str, list[str]]:
     data = data or shared_data()
     rows = map(json.loads, (data / "logiqa" / "test.jsonl").read_text().splitlines())
     return {str(row["id"]): row["options"] for row in rows}
-
-
-def naive(text: str, kind: str) -> str | None:
-    """The naive rules: the last number; the first "true"/"false"; the last capital letter A-D on its own."""
-    if kind == "number":
-        numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-        if not numbers:
-            return None
-        value = numbers[-1].replace(",", "").rstrip(".")
-        return value[:-2] if value.endswith(".0") else value
-    if kind == "bool":
-        word = re.search(r"\b(true|false|yes|no)\b", text, re.I)
-        return None if not word else ("true" if word.group(1).lower() in ("true", "yes") else "false")
-    letters = re.findall(r"\b([A-D])\b", text)
-    return letters[-1] if letters else None
 
 
 def ours(record: dict, options: dict[str, list[str]], complete: str = "known") -> str | None:
@@ -103,6 +85,17 @@ def measure(records: list[dict], options: dict[str, list[str]], complete: str = 
         if got != r["label"]:
             misses.append({**r, "ours": got})
     return rows, misses
+
+
+def unfinished_agreement(records: list[dict]) -> str:
+    """How often ``unfinished(text)`` says what the token count says (``cut_off``)."""
+    cut = [r for r in records if r["cut_off"]]
+    finished = [r for r in records if not r["cut_off"]]
+    flagged_cut = sum(unfinished(r["text"]) for r in cut)
+    flagged_finished = sum(unfinished(r["text"]) for r in finished)
+    agree = flagged_cut + len(finished) - flagged_finished
+    return (f"unfinished() agrees with the token count on {agree} of {len(records)} texts: it flags {flagged_cut} "
+            f"of the {len(cut)} cut-off texts and {flagged_finished} of the {len(finished)} finished ones")
 
 
 def table(rows, keys) -> str:
@@ -131,9 +124,6 @@ def main() -> int:
                 print(f"\n===== {r['model']} {r['max_new_tokens']} {r['task']} {r['ref_id']} "
                       f"cut_off={r['cut_off']} gold={r['gold']}\n{r['text']}")
         return 0
-    if not (shared_data() / "logiqa").is_dir():
-        print(f"../shared/data not found at {shared_data()} (set MAPD_SHARED_DATA)", file=sys.stderr)
-        return 2
     rows, misses = measure(records, load_options(), args.complete)
     print(f"complete={args.complete}\n")
     print(table(rows, ["all", *MODELS, *TASKS, *(f"{m}/{t}" for m in MODELS for t in TASKS),
@@ -147,6 +137,7 @@ def main() -> int:
             print(f"\n--- {m['sample']} {m['model']} {m['max_new_tokens']} {m['task']} {m['ref_id']} "
                   f"cut_off={m['cut_off']}: label {m['label']!r}, ours {m['ours']!r} ({m.get('why', '')})")
             print(m["text"])
+    print("\n" + unfinished_agreement(records))
     return 0
 
 

@@ -19,10 +19,11 @@ matched on teacher and text); the text's token count under the model that wrote 
 (``>=`` the token limit: cut off). Without any of these it judges from the text (``complete=None``).
 The "new, from text" columns always judge from the text.
 
-The reference data (../shared/reference-data or $MAPD_REFERENCE_DATA; what docs/reproduction.md
-trains on) is imported with ``mapd import-reference`` into a temporary folder: the 387 SVAMP and
-825 StrategyQA recorded student "mistakes" of Llama-2-7B and the 1,161 SVAMP teacher rationales. They
-carry no cut-off flag, so the new extractor judges from the text.
+The reference data (the folder $MAPD_REFERENCE_DATA names, see bench/_common.py; what
+docs/reproduction.md trains on) is imported with ``mapd import-reference`` into a temporary folder:
+the 387 SVAMP and 825 StrategyQA recorded student "mistakes" of Llama-2-7B and the 1,161 SVAMP teacher
+rationales. They carry no cut-off flag, so the new extractor judges from the text. The rationales'
+gold check also shows the reference's own rule (the last number).
 
 ``--predictions`` rescores loose predictions.jsonl files the same way (``cut_off`` from each record,
 else judged from the text), e.g. each variant of bench/reproduce_svamp.py. Last, the two labelled
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -44,9 +44,13 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from mapd import answers as new
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for bench._common
+
+from bench._common import DataNotFound, reference_data, reference_rule  # noqa: E402
+
+from mapd import answers as new  # noqa: E402
+
 OLD_REV = "60914a2"
 REFERENCE_FILES = {
     "svamp": ("Llama-2-7b-chat-hf_svamp_false_round0.json", "Llama-2-7b-chat-hf_svamp_feedback_round0.json",
@@ -367,9 +371,11 @@ def rescore_run(run: Path, grader: Grader, *, use_tokenizer: bool, show: bool) -
     return out
 
 
-def gold_check(rationales: list[dict], golds: dict[str, str], kind: str, grader: Grader, *, cut, show: bool) -> dict:
-    """The report's gold check (accepted/rejected x right/wrong) with the old and the new extractor."""
-    cells = {"old": Counter(), "new": Counter(), "text": Counter()}
+def gold_check(rationales: list[dict], golds: dict[str, str], kind: str, grader: Grader, *, cut, show: bool,
+               reference: bool = False) -> dict:
+    """The report's gold check (accepted/rejected x right/wrong) with the old and the new extractor, and
+    with the reference implementation's rule (bench._common.reference_rule) when ``reference``."""
+    cells = {"reference": Counter(), "old": Counter(), "new": Counter(), "text": Counter()}
     moved, lines, r = [], [], Counter()
     per_teacher: dict[str, Counter] = {}
     for x in rationales:
@@ -382,6 +388,8 @@ def gold_check(rationales: list[dict], golds: dict[str, str], kind: str, grader:
         t_ans, t_status, _ = grader.new_(x["text"], kind, None, None)
         rights = {"old": grader.old_right(o_ans, gold, kind), "new": grader.new_right(n_ans, gold, kind),
                   "text": grader.new_right(t_ans, gold, kind)}
+        if reference:
+            rights["reference"] = grader.new_right(reference_rule(x["text"], kind), gold, kind)
         for name, right in rights.items():
             cells[name][(bool(x["accepted"]), right)] += 1
         t = per_teacher.setdefault(x["teacher"], Counter())
@@ -401,7 +409,11 @@ def gold_check(rationales: list[dict], golds: dict[str, str], kind: str, grader:
                          f"{shown(n_ans, n_status)} (gold {gold}, accepted {x['accepted']}, cut off {c}): "
                          f"{short(x['text'])}")
     rows = []
-    for name, label in (("old", "old"), ("new", "new"), ("text", "new, from text")):
+    rule = "last number" if kind == "number" else "first true/false"
+    for name, label in (("reference", f"the reference's rule ({rule})"), ("old", "old"), ("new", "new"),
+                        ("text", "new, from text")):
+        if name == "reference" and not reference:
+            continue
         k = cells[name]
         acc, rej = k[True, True] + k[True, False], k[False, True] + k[False, False]
         rows.append([label, k[True, True] + k[False, True], f"{k[True, False]} of {acc}", f"{k[False, True]} of {rej}",
@@ -417,15 +429,12 @@ def gold_check(rationales: list[dict], golds: dict[str, str], kind: str, grader:
         print("\n".join(lines))
     return {"summary": dict(r), "changes": transitions(moved),
             "confusion": {name: {f"{'accepted' if a else 'rejected'} {'right' if b else 'wrong'}": v
-                                 for (a, b), v in k.items()} for name, k in cells.items()},
+                                 for (a, b), v in k.items()} for name, k in cells.items()
+                          if name != "reference" or reference},
             "per_teacher": {t: dict(c) for t, c in per_teacher.items()}}
 
 
 # ------------------------------------------------------------------------------ the reference data
-
-
-def reference_dir() -> Path:
-    return Path(os.environ.get("MAPD_REFERENCE_DATA", REPO.parent / "shared" / "reference-data"))
 
 
 def rescore_reference(ref: Path, grader: Grader, *, show: bool) -> dict:
@@ -454,6 +463,9 @@ def rescore_reference(ref: Path, grader: Grader, *, show: bool) -> dict:
             m["new unparsed"] += n_status == "unparsed"
             m["new truncated"] += n_status == "truncated"
             m["judged cut off"] += new.unfinished(x["output"])
+            restated = "True or False:" in x["output"].strip().split("\n")[0]  # on its first line
+            m["true or false"] += (kind == "bool" and restated and x["answer"] == "true"
+                                   and grader.new_right(n_ans, x["gold"], kind))
             moved.append((shown(o_ans, o_status), shown(n_ans, n_status)))
             if shown(o_ans, o_status) != shown(n_ans, n_status):
                 lines.append(f"    {task} {x['id']}: {shown(o_ans, o_status)} -> {shown(n_ans, n_status)} "
@@ -476,6 +488,9 @@ def rescore_reference(ref: Path, grader: Grader, *, show: bool) -> dict:
         changed = sum(a != b for a, b in moved)
         print(f"old -> new: {changed} answers changed ({transitions(moved)}); the new extractor judges "
               f"{m['judged cut off']} texts cut off")
+        if kind == "bool":
+            print(f"of the {m['new right']} that give the gold answer (new), {m['true or false']} open with a "
+                  f'"True or False: <statement>" line and were recorded as "true"')
         if show:
             print("\n".join(lines))
         if rationale_file:
@@ -483,7 +498,8 @@ def rescore_reference(ref: Path, grader: Grader, *, show: bool) -> dict:
             golds = {x["id"]: x["gold"] for x in mistakes}
             print(f"\n### {task}: {len(rationales)} teacher rationales (accepted as recomputed by import-reference: "
                   f"{sum(x['accepted'] for x in rationales)})")
-            out[f"{task}_rationales"] = gold_check(rationales, golds, kind, grader, cut=lambda x: None, show=show)
+            out[f"{task}_rationales"] = gold_check(rationales, golds, kind, grader, cut=lambda x: None, show=show,
+                                                   reference=True)
     return out
 
 
@@ -504,8 +520,8 @@ def rescore_labelled(grader: Grader) -> dict:
     cutoff = _bench("answers_cutoff")
     try:
         options = cutoff.load_options()
-    except OSError:
-        print("\n(the cut-off set needs ../shared/data for LogiQA options: skipped)")
+    except (OSError, DataNotFound) as e:
+        print(f"\n(the cut-off set needs the LogiQA options: skipped; {e})")
         options = None
     if options is not None:
         rows: dict[str, Counter] = {}
@@ -532,8 +548,12 @@ def rescore_labelled(grader: Grader) -> dict:
                       pct(v["old gold"], v["n"]), pct(v["new gold"], v["n"])]
                      for k, v in sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)]))
     accuracy = _bench("answers_accuracy")
-    ref = reference_dir()
-    if ref.is_dir():
+    try:
+        ref = reference_data()
+    except DataNotFound as e:
+        print(f"\n(the labelled reference texts are skipped: {e})")
+        ref = None
+    if ref is not None:
         texts = accuracy.load_texts(ref)
         rows = {}
         for label in accuracy.load_labels():
@@ -573,11 +593,10 @@ def main() -> int:
     if args.predictions:
         figures["predictions"] = rescore_files(args.predictions, grader, show=args.show)
     if not args.no_reference:
-        ref = reference_dir()
-        if not ref.is_dir():
-            print(f"\n(reference data not found at {ref}: set MAPD_REFERENCE_DATA)")
-        else:
-            figures["reference"] = rescore_reference(ref, grader, show=args.show)
+        try:
+            figures["reference"] = rescore_reference(reference_data(), grader, show=args.show)
+        except DataNotFound as e:
+            print(f"\n(reference data skipped: {e}; --no-reference skips it quietly)")
     if not args.no_labelled:
         figures["labelled"] = rescore_labelled(grader)
     if args.json:

@@ -1,6 +1,8 @@
 """Batched vs one-prompt-at-a-time greedy generation: tokens/s, questions/minute, identical outputs.
 
-    python bench/generation_batching.py [--data ../shared/data/svamp] [--n 16] [--batch-size 16] [--threads N]
+    python bench/generation_batching.py [--data DIR] [--n 16] [--batch-size 16] [--threads N]
+
+``--data`` is a folder of SVAMP <split>.jsonl files, by default $MAPD_SHARED_DATA/svamp (bench/_common.py).
 
 Mining is evaluation on the train split (mapd.stages.mine reuses mapd.evaluate), and answer
 extraction costs microseconds, so the questions/minute printed here is the mining throughput.
@@ -9,15 +11,20 @@ extraction costs microseconds, so the questions/minute printed here is the minin
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mapd.config import PromptConfig, TaskConfig
-from mapd.generation import generate, load_model
-from mapd.prompts import answer_messages
-from mapd.tasks import get_task
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for bench._common
+
+from bench._common import shared_data  # noqa: E402
+
+from mapd.config import PromptConfig, TaskConfig  # noqa: E402
+from mapd.generation import generate, load_model  # noqa: E402
+from mapd.prompts import answer_messages  # noqa: E402
+from mapd.tasks import get_task  # noqa: E402
 
 
 def timed(model, tokenizer, prompts, batch_size: int, max_new_tokens: int):
@@ -31,7 +38,7 @@ def timed(model, tokenizer, prompts, batch_size: int, max_new_tokens: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "svamp"))
+    parser.add_argument("--data", type=Path, help="SVAMP folder (default: $MAPD_SHARED_DATA/svamp).")
     parser.add_argument("--split", default="test")
     parser.add_argument("--n", type=int, default=16, help="Questions.")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -41,7 +48,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    task = get_task(TaskConfig(name="svamp", path=args.data))
+    task = get_task(TaskConfig(name="svamp", path=str(args.data or shared_data() / "svamp")))
     examples = task.load(args.split, args.n)
     prompts = [answer_messages(PromptConfig(), example.question, task.answer_kind) for example in examples]
     model, tokenizer = load_model(args.model)

@@ -19,8 +19,9 @@ micro-batch carries its kind's whole term), and, for comparison, the tokens per 
 that groups by length within each kind and deals every micro-batch its share of both (simulated,
 not in mapd).
 
-Pairs: ``--data`` (a train.jsonl), else the reference SVAMP round-0 files in ../shared/reference-data
-imported and built with mode "mixed" (as ``mapd import-reference`` + ``mapd build --mode mixed``).
+Pairs: ``--data`` (a train.jsonl), else the reference SVAMP round-0 files in $MAPD_REFERENCE_DATA
+(bench/_common.py) imported and built with mode "mixed" (as ``mapd import-reference`` + ``mapd build
+--mode mixed``).
 Tokenizer: the embedded SmolLM2-135M-Instruct's, with its chat template (mapd.train.tokenize_pair).
 ``--verify`` also runs the real ``Trainer.train()`` loop for two epochs of batch 8 (a no-op loss on a
 tiny model) and checks that it sees the same micro-batches as the replay.
@@ -34,15 +35,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for bench._common
+
+from bench._common import svamp_reference_files  # noqa: E402
+
 STUDENT = "embedded:smollm2-135m-instruct"
 
 
 def build_pairs(out: Path) -> Path:
     """train.jsonl (mode mixed) from the reference SVAMP files, through the CLI."""
-    files = [REFERENCE / f"Llama-2-7b-chat-hf_svamp_{kind}_round0.json" for kind in ("false", "feedback", "rationale")]
-    if not all(file.is_file() for file in files):
-        sys.exit(f"reference data not found in {REFERENCE}; pass --data")
+    files = svamp_reference_files()
     mapd = [sys.executable, "-m", "mapd.cli"]
     subprocess.run(mapd + ["import-reference", "--task", "svamp", "--mistakes", str(files[0]), "--feedback",
                            str(files[1]), "--rationale", str(files[2]), "--out", str(out)], check=True)

@@ -3,10 +3,11 @@
     python bench/reproduce_svamp.py --out runs/reproduce-svamp            # the whole table
     python bench/reproduce_svamp.py --variants base method --eval-limit 50  # a quick look
 
-Imports ../shared/reference-data (real GPT-3.5 / Gemini / Mixtral feedback and peer-reviewed
-rationales for 387 SVAMP questions Llama-2-7B got wrong), builds one training set per variant,
-trains SmolLM2-135M-Instruct on each with identical settings, evaluates every student on the SVAMP
-test split and writes a Markdown table (accuracy with a 95 % Wilson interval, pairs, training time).
+Imports the reference data in $MAPD_REFERENCE_DATA (real GPT-3.5 / Gemini / Mixtral feedback and
+peer-reviewed rationales for 387 SVAMP questions Llama-2-7B got wrong), builds one training set per
+variant, trains SmolLM2-135M-Instruct on each with identical settings, evaluates every student on the
+SVAMP test split in $MAPD_SHARED_DATA (both variables: bench/_common.py) and writes a Markdown table
+(accuracy with a 95 % Wilson interval, pairs, training time).
 Every variant is resumable: a finished one (its metrics.json exists) is skipped on a rerun.
 """
 
@@ -22,17 +23,20 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from mapd.config import BuildConfig, PromptConfig, TaskConfig, TrainConfig
-from mapd.evaluate import evaluate_model
-from mapd.import_reference import import_reference
-from mapd.io import read_jsonl
-from mapd.layout import EvalLayout, RoundLayout
-from mapd.report import COLORS
-from mapd.stages.build import run_build
-from mapd.train import train_model
-
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))  # for bench._common
+
+from bench._common import shared_data, svamp_reference_files  # noqa: E402
+
+from mapd.config import BuildConfig, PromptConfig, TaskConfig, TrainConfig  # noqa: E402
+from mapd.evaluate import evaluate_model  # noqa: E402
+from mapd.import_reference import import_reference  # noqa: E402
+from mapd.io import read_jsonl  # noqa: E402
+from mapd.layout import EvalLayout, RoundLayout  # noqa: E402
+from mapd.report import COLORS  # noqa: E402
+from mapd.stages.build import run_build  # noqa: E402
+from mapd.train import train_model  # noqa: E402
+
 STUDENT = "embedded:smollm2-135m-instruct"
 # variant -> (build mode, alpha); "base" is the untrained student
 VARIANTS = {
@@ -69,14 +73,7 @@ def prepare_reference(out: Path) -> Path:
     """Import the reference SVAMP files once into out/reference."""
     reference = out / "reference"
     if not (reference / "rationales.jsonl").exists():
-        data = SHARED / "reference-data"
-        import_reference(
-            "svamp",
-            data / "Llama-2-7b-chat-hf_svamp_false_round0.json",
-            data / "Llama-2-7b-chat-hf_svamp_feedback_round0.json",
-            data / "Llama-2-7b-chat-hf_svamp_rationale_round0.json",
-            RoundLayout(reference),
-        )
+        import_reference("svamp", *svamp_reference_files(), RoundLayout(reference))
     return reference
 
 
@@ -90,7 +87,7 @@ def run_variant(name: str, args: argparse.Namespace, reference: Path, train_conf
     mode, alpha = VARIANTS[name]
     result: dict = {"variant": name, "pairs": 0, "train_seconds": 0.0}
     model = STUDENT
-    task = TaskConfig(name="svamp", path=str(SHARED / "data" / "svamp"))
+    task = TaskConfig(name="svamp", path=str(shared_data() / "svamp"))
     if mode is not None:
         folder.mkdir(parents=True, exist_ok=True)
         for artifact in ("mistakes", "feedback", "rationales"):
@@ -193,8 +190,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=192)
     parser.add_argument("--seed", type=int, default=731)
     args = parser.parse_args()
-    if not (SHARED / "reference-data").is_dir():
-        sys.exit(f"{SHARED / 'reference-data'} is not here: this bench needs the reference data beside the repo")
+    svamp_reference_files(), shared_data()  # both folders, before any work
     train_config = TrainConfig(
         num_train_epochs=args.epochs, max_steps=args.max_steps, lora=args.lora, learning_rate=args.learning_rate,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, max_length=args.max_length,

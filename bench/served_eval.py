@@ -1,7 +1,7 @@
 """In-process vs served evaluation of the student, side by side in one run: questions/minute, accuracy, cut-off
 rate, and the predictions that differ between the modes.
 
-    OMP_NUM_THREADS=1 python bench/served_eval.py --data /work/shared/data/svamp [--limit 100] [--max-new-tokens 160]
+    OMP_NUM_THREADS=1 python bench/served_eval.py --data $MAPD_SHARED_DATA/svamp [--limit 100] [--max-new-tokens 160]
         [--modes in-process,served,served-cb] [--out DIR]
 
 Each mode is one ``mapd.evaluate.evaluate_model`` call (what ``mapd eval`` runs) on the first ``--limit`` questions
@@ -46,7 +46,8 @@ MODES = ("in-process", "served", "served-cb")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="Folder of SVAMP <split>.jsonl files (e.g. shared/data/svamp).")
+    parser.add_argument("--data", required=True,
+                        help="Folder of SVAMP <split>.jsonl files (e.g. $MAPD_SHARED_DATA/svamp, see bench/_common.py).")
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--task", default="svamp")
     parser.add_argument("--split", default="test")

@@ -29,20 +29,16 @@ import yaml
 from openai import OpenAI
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for tests.openai_server
+sys.path.insert(0, str(REPO))  # for tests.openai_server and tests.reliability_kit
 
 from tests.openai_server import FakeOpenAIServer  # noqa: E402
+from tests.reliability_kit import COMMITTEE, FEEDBACK_MARK, REVIEW_MARK  # noqa: E402
 
-from mapd.config import PromptConfig, RunConfig, TaskConfig, TeacherConfig, load_config  # noqa: E402
+from mapd.config import RunConfig, TaskConfig, TeacherConfig, load_config  # noqa: E402
 from mapd.io import read_jsonl, write_jsonl  # noqa: E402
 from mapd.prompts import answer_messages, feedback_messages, review_messages  # noqa: E402
 from mapd.records import read_mistakes  # noqa: E402
 from mapd.stages.review import parse_score, reviewers  # noqa: E402
-
-COMMITTEE = ("gpt", "gemini", "mistral")
-REVIEW_MARK = PromptConfig().review.split("{")[0]
-FEEDBACK_MARK = PromptConfig().feedback.split("{")[0]
-
 
 class Stamps:
     """Reply function for the server that also notes when each reply is produced, and of what kind."""
@@ -79,7 +75,9 @@ class Stamps:
 
 
 def setup(folder: Path, base_url: str, n: int, concurrency: int) -> None:
-    """config.yaml (the committee at ``base_url``) and mistakes.jsonl in ``folder``."""
+    """config.yaml (the committee at ``base_url``, no key) and mistakes.jsonl in ``folder``. Not
+    reliability_kit.write_teach_setup: its mistakes have other questions and ids, so the prompts sent
+    would differ from those the figures in docs/committee.md were measured with."""
     teachers = [TeacherConfig(name=name, model=f"model-{name}", base_url=base_url, max_concurrency=concurrency)
                 for name in COMMITTEE]
     config = RunConfig(task=TaskConfig(name="svamp"), teachers=teachers)

@@ -11,8 +11,8 @@
     per epoch = measured seconds per processed token x the tokens one epoch processes (from (a)),
     an extrapolation. Peak RSS is the whole process's (loading included).
 
-The pairs come from ../shared/reference-data (the reference's SVAMP round-0 files), converted
-by mapd.import_reference and built with mode "mixed".
+The pairs come from the reference's SVAMP round-0 files in $MAPD_REFERENCE_DATA (bench/_common.py),
+converted by mapd.import_reference and built with mode "mixed".
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from mapd.config import TrainConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for bench._common
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
+from bench._common import svamp_reference_files  # noqa: E402
+
+from mapd.config import TrainConfig  # noqa: E402
+
 STUDENT = "embedded:smollm2-135m-instruct"
 REFERENCE_PAD = 512  # the reference pads (and truncates) every pair to this many tokens
 
@@ -41,9 +44,7 @@ def build_pairs(out: Path) -> Path:
     from mapd.layout import RoundLayout
     from mapd.stages.build import run_build
 
-    files = [REFERENCE / f"Llama-2-7b-chat-hf_svamp_{kind}_round0.json" for kind in ("false", "feedback", "rationale")]
-    if not all(file.is_file() for file in files):
-        sys.exit(f"reference data not found in {REFERENCE}")
+    files = svamp_reference_files()
     folder = RoundLayout(out)
     import_reference("svamp", *files, folder)
     run_build(folder, task=None, build=BuildConfig(mode="mixed", seed=731), prompts=PromptConfig())

@@ -1,11 +1,27 @@
-"""Shared test fixtures: where ../shared lives, and a run that skips when it is absent."""
+"""Shared test fixtures: where ../shared lives (and a skip when it is absent), a teacher key, fast
+retries for `mapd teach`, and a tiny model.
 
+The benches read the data folders from MAPD_SHARED_DATA and MAPD_REFERENCE_DATA (bench/_common.py);
+for the tests that load them, both default to ../shared/data and ../shared/reference-data when those
+exist (a value set by the caller wins).
+"""
+
+import os
+from functools import partial
 from pathlib import Path
+from secrets import token_hex
 
 import pytest
+from tests.reliability_kit import FAST_RETRIES, KEY_ENV
+
+from mapd.llm import Dispatcher
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+for _variable, _folder in (("MAPD_SHARED_DATA", SHARED / "data"), ("MAPD_REFERENCE_DATA", SHARED / "reference-data")):
+    if _folder.is_dir():
+        os.environ.setdefault(_variable, str(_folder))
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +30,21 @@ def shared() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip("../shared is not present beside the repository")
     return SHARED
+
+
+@pytest.fixture
+def key(monkeypatch) -> str:
+    """A recognisable random key in $MAPD_TEST_KEY (reliability_kit.KEY_ENV; subprocesses inherit it)."""
+    value = f"sk-test-{token_hex(16)}"
+    monkeypatch.setenv(KEY_ENV, value)
+    return value
+
+
+@pytest.fixture
+def fast_retries(monkeypatch) -> None:
+    """`mapd teach` in this process retries after milliseconds instead of seconds, whatever Retry-After a
+    server asks for (reliability_kit.FAST_RETRIES)."""
+    monkeypatch.setattr("mapd.stages.teach.Dispatcher", partial(Dispatcher, backoff=FAST_RETRIES))
 
 
 @pytest.fixture(scope="session")

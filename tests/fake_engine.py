@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.openai_server import FakeOpenAIServer, _QuietServer, _handler_class, _send  # noqa: E402
+from tests.openai_server import FakeOpenAIServer, _QuietServer, _handler_class, _send, default_reply  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
         if args.requests_file:
             with open(args.requests_file, "a", encoding="utf-8") as log:
                 log.write(json.dumps({"model": model, "last": messages[-1]["content"]}) + "\n")
-        return f"{model} read: {messages[-1]['content'] if messages else ''}"
+        return default_reply(messages, model)
 
     fake = FakeOpenAIServer(reply)
     base = _handler_class(fake)

@@ -1,7 +1,10 @@
-"""Helpers shared by tests/test_reliability.py and bench/soak.py: a scripted committee on the local
-OpenAI-compatible server, `mapd` in a subprocess killed at chosen moments, and folder snapshots.
+"""Helpers shared by the tests (test_reliability, test_failures, test_committee, test_batch, test_secrets,
+test_bad_input, test_runner, test_resume, test_student, ...) and the benches (soak, hostile, batch_savings,
+teach_concurrency): a scripted committee on the local OpenAI-compatible server, its setup and `mapd teach`
+command line, fast retries, `mapd` in a subprocess killed at chosen moments, and folder snapshots.
+The ``key`` and ``fast_retries`` fixtures built on KEY_ENV and FAST_RETRIES are in tests/conftest.py.
 
-    from tests.reliability_kit import CountingReply, write_teach_setup, run_killed, snapshot
+    from tests.reliability_kit import CountingReply, write_teach_setup, teach_argv, run_killed, snapshot
 """
 
 from __future__ import annotations
@@ -16,16 +19,21 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from mapd.config import PromptConfig
-from mapd.io import write_jsonl
+from mapd.io import read_jsonl, write_jsonl
+from mapd.llm.openai_provider import Backoff
 
 COMMITTEE = ("gpt", "gemini", "mistral")
-_REVIEW_MARK = PromptConfig().review.split("{")[0]
-_FEEDBACK_MARK = PromptConfig().feedback.split("{")[0]
+REVIEW_MARK = PromptConfig().review.split("{")[0]  # the fixed opening of the default review template
+FEEDBACK_MARK = PromptConfig().feedback.split("{")[0]  # and of the default feedback template
+KEY_ENV = "MAPD_TEST_KEY"  # the teachers' api_key_env in the tests; conftest's ``key`` fixture sets it
+FAST = Backoff(initial_s=0.001, max_s=0.01, jitter_s=0.001)  # retries after milliseconds (Retry-After honoured)
+FAST_RETRIES = replace(FAST, retry_after_max_s=0.01)  # conftest's ``fast_retries``: a Retry-After cut to 10 ms too
 
 
 class CountingReply:
@@ -42,9 +50,9 @@ class CountingReply:
         with self._lock:
             self.paid[key] += 1
         content = messages[-1]["content"]
-        if content.startswith(_REVIEW_MARK):
+        if content.startswith(REVIEW_MARK):
             return f"{model} checked each step. [4]"
-        if content.startswith(_FEEDBACK_MARK):
+        if content.startswith(FEEDBACK_MARK):
             return f"{model} explains: the student added instead of subtracting."
         return f"{model} works it out step by step. The answer is 7."
 
@@ -73,6 +81,16 @@ def write_teach_setup(folder: Path, base_url: str, key_env: str, n_mistakes: int
     (folder / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     write_jsonl(folder / "mistakes.jsonl", make_mistakes(n_mistakes))
     return folder / "config.yaml", folder / "mistakes.jsonl"
+
+
+def teach_argv(config: Path | str, mistakes: Path | str, out: Path | str, *extra: str) -> list[str]:
+    """The arguments of `mapd teach` (for ``mapd.cli.main`` or, after :func:`mapd_argv`, a subprocess)."""
+    return ["teach", "--config", str(config), "--mistakes", str(mistakes), "--out", str(out), *extra]
+
+
+def teach_records(out: Path) -> tuple[list[dict], list[dict]]:
+    """(feedback.jsonl, rationales.jsonl) of a `mapd teach` output folder."""
+    return read_jsonl(out / "feedback.jsonl"), read_jsonl(out / "rationales.jsonl")
 
 
 def mapd_argv(*args: str) -> list[str]:

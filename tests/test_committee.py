@@ -9,6 +9,8 @@ from collections import Counter
 import pytest
 import yaml
 from tests.openai_server import FakeOpenAIServer
+from tests.reliability_kit import (COMMITTEE, FAST, FEEDBACK_MARK, KEY_ENV, REVIEW_MARK, make_mistakes, teach_argv,
+                                   teach_records)
 
 from mapd.cli import main
 from mapd.config import PromptConfig, ReviewConfig, TeacherConfig
@@ -17,10 +19,11 @@ from mapd.import_reference import import_reference
 from mapd.io import read_jsonl, write_jsonl
 from mapd.layout import RoundLayout
 from mapd.llm import CallCache, Dispatcher
-from mapd.llm.openai_provider import Backoff
 from mapd.records import Feedback, Mistake, Rationale
 from mapd.stages.review import accept, check_committee, parse_score, reviewers
 from mapd.stages.teach import teach
+
+pytestmark = pytest.mark.usefixtures("key")  # conftest: a key in $KEY_ENV for every test
 
 
 @pytest.mark.parametrize(
@@ -87,12 +90,7 @@ def test_one_teacher_committee_needs_review_off():
 
 # -- the stages against a real local OpenAI-compatible server ------------------------------------
 
-KEY_ENV = "MAPD_TEST_COMMITTEE_KEY"
-COMMITTEE = ("gpt", "gemini", "mistral")
-FAST = Backoff(initial_s=0.001, max_s=0.01, jitter_s=0.001)
 DEFAULTS = PromptConfig()
-REVIEW_MARK = DEFAULTS.review.split("{")[0]  # the fixed opening of each default template
-FEEDBACK_MARK = DEFAULTS.feedback.split("{")[0]
 # Scripted reviewers: gpt is generous, gemini strict, mistral never gives a score.
 REVIEW_REPLIES = {"model-gpt": "Sound and correct. [5]", "model-gemini": "The second step is off. [2]",
                   "model-mistral": "I would rather not grade this."}
@@ -108,23 +106,13 @@ def scripted(messages: list[dict], model: str) -> str:
     return f"{model} works it out step by step. The answer is {8 if model == 'model-mistral' else 7}."
 
 
-def mistakes_for(n: int) -> list[dict]:
-    return [{"id": f"q{i}", "question": f"Question {i}: what is {i} + 7 - {i}?", "gold": "7",
-             "output": f"{i} + 7 = {i + 7}", "answer": str(i + 7), "status": "wrong"} for i in range(n)]
-
-
 def mistake_records(n: int) -> list[Mistake]:
-    return [Mistake.model_validate(record) for record in mistakes_for(n)]
+    return [Mistake.model_validate(record) for record in make_mistakes(n)]
 
 
 def teacher_config(server: FakeOpenAIServer, name: str) -> TeacherConfig:
     return TeacherConfig(name=name, model=f"model-{name}", base_url=server.base_url, api_key_env=KEY_ENV,
                          timeout_s=2, max_retries=4, max_concurrency=4)
-
-
-@pytest.fixture(autouse=True)
-def _key(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "sk-test-committee-0123456789")
 
 
 @pytest.fixture
@@ -224,16 +212,16 @@ def write_setup(tmp_path, server: FakeOpenAIServer, mistakes: list[dict]) -> tup
 
 
 def test_mapd_teach_writes_artifacts_and_a_rerun_calls_nothing(tmp_path, server, capsys):
-    config, mistakes = write_setup(tmp_path, server, mistakes_for(4))
+    config, mistakes = write_setup(tmp_path, server, make_mistakes(4))
     out = tmp_path / "out"
-    assert main(["teach", "--config", config, "--mistakes", mistakes, "--out", str(out), "--dry-run"]) == 0
+    assert main(teach_argv(config, mistakes, out, "--dry-run")) == 0
     assert "gpt: 16 calls" in capsys.readouterr().out  # 4 feedback, 4 rationales, 2 x 4 reviews
     assert server.requests == 0 and not out.exists()
 
-    assert main(["teach", "--config", config, "--mistakes", mistakes, "--out", str(out)]) == 0
+    assert main(teach_argv(config, mistakes, out)) == 0
     assert "accepted 8 of 12 rationales (gpt 0/4, gemini 4/4, mistral 4/4)" in capsys.readouterr().out
     assert server.requests == 4 * 3 * 2 + 4 * 3 * 2  # feedback + rationales, then two reviews each
-    notes, drafts = read_jsonl(out / "feedback.jsonl"), read_jsonl(out / "rationales.jsonl")
+    notes, drafts = teach_records(out)
     pairs = [(f"q{i}", t) for i in range(4) for t in COMMITTEE]
     assert [(r["id"], r["teacher"]) for r in notes] == pairs == [(r["id"], r["teacher"]) for r in drafts]
     assert set(drafts[0]) == {"id", "teacher", "text", "error", "answer", "cut_off", "reviews", "mean_score",
@@ -242,7 +230,7 @@ def test_mapd_teach_writes_artifacts_and_a_rerun_calls_nothing(tmp_path, server,
     assert stats["gpt"]["calls"] == 4 + 4 + 8 and stats["gpt"]["failures"] == 0
 
     server.reset()
-    assert main(["teach", "--config", config, "--mistakes", mistakes, "--out", str(out)]) == 0
+    assert main(teach_argv(config, mistakes, out)) == 0
     assert server.requests == 0
     assert read_jsonl(out / "rationales.jsonl") == drafts
 
@@ -258,25 +246,24 @@ def test_mapd_teach_writes_artifacts_and_a_rerun_calls_nothing(tmp_path, server,
     ],
 )
 def test_mapd_teach_names_the_bad_line_and_field(tmp_path, server, capsys, line, message):
-    config, mistakes = write_setup(tmp_path, server, mistakes_for(1) + [line])
-    assert main(["teach", "--config", config, "--mistakes", mistakes, "--out", str(tmp_path / "out")]) == 2
+    config, mistakes = write_setup(tmp_path, server, make_mistakes(1) + [line])
+    assert main(teach_argv(config, mistakes, tmp_path / "out")) == 2
     assert message in capsys.readouterr().err
     assert server.requests == 0
 
 
 def test_mapd_teach_checks_keys_before_any_call(tmp_path, server, capsys, monkeypatch):
-    config, mistakes = write_setup(tmp_path, server, mistakes_for(1))
+    config, mistakes = write_setup(tmp_path, server, make_mistakes(1))
     monkeypatch.delenv(KEY_ENV)
-    assert main(["teach", "--config", config, "--mistakes", mistakes, "--out", str(tmp_path / "out")]) == 2
+    assert main(teach_argv(config, mistakes, tmp_path / "out")) == 2
     assert f"{KEY_ENV} is not set" in capsys.readouterr().err
     assert server.requests == 0
 
 
 def test_mapd_teach_needs_teachers(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("task: {name: svamp}\n", encoding="utf-8")
-    write_jsonl(tmp_path / "mistakes.jsonl", mistakes_for(1))
-    argv = ["teach", "--config", str(tmp_path / "config.yaml"), "--mistakes", str(tmp_path / "mistakes.jsonl")]
-    assert main(argv + ["--out", str(tmp_path / "out")]) == 2
+    write_jsonl(tmp_path / "mistakes.jsonl", make_mistakes(1))
+    assert main(teach_argv(tmp_path / "config.yaml", tmp_path / "mistakes.jsonl", tmp_path / "out")) == 2
     assert "at least one teacher" in capsys.readouterr().err
 
 

@@ -5,39 +5,27 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from functools import partial
 
 import pytest
 import yaml
 from tests.openai_server import FakeOpenAIServer
-from tests.reliability_kit import COMMITTEE, CountingReply, dead_url, mapd_argv, write_teach_setup
+from tests.reliability_kit import (COMMITTEE, KEY_ENV, CountingReply, dead_url, mapd_argv, teach_argv, teach_records,
+                                   write_teach_setup)
 
 from mapd.cli import main
-from mapd.llm import CallCache, Dispatcher
-from mapd.llm.openai_provider import Backoff
+from mapd.llm import CallCache
 
-KEY_ENV = "MAPD_TEST_FAILURE_KEY"
-FAST = Backoff(initial_s=0.001, max_s=0.01, jitter_s=0.001, retry_after_max_s=0.01)
+pytestmark = pytest.mark.usefixtures("key")  # conftest: a key in $KEY_ENV for every test
 PRICED = {"price_input_per_mtok": 1000.0, "price_output_per_mtok": 1000.0}  # ~0.02 USD a call here
 
 
-@pytest.fixture(autouse=True)
-def key(monkeypatch) -> None:
-    monkeypatch.setenv(KEY_ENV, "sk-test-failures-0123456789")
-
-
-@pytest.fixture
-def fast_retries(monkeypatch) -> None:
-    monkeypatch.setattr("mapd.stages.teach.Dispatcher", partial(Dispatcher, backoff=FAST))
-
-
 def teach(config, mistakes, out) -> int:
-    return main(["teach", "--config", str(config), "--mistakes", str(mistakes), "--out", str(out)])
+    return main(teach_argv(config, mistakes, out))
 
 
 def records(out) -> list[dict]:
-    lines = (out / "feedback.jsonl").read_text().splitlines() + (out / "rationales.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    """feedback.jsonl, then rationales.jsonl."""
+    return sum(teach_records(out), [])
 
 
 def set_teacher(config, index: int, **fields) -> None:
@@ -138,8 +126,8 @@ def test_two_processes_on_one_cache_pay_each_call_once(tmp_path):
         data = yaml.safe_load(config.read_text())
         data["cache_path"] = str(tmp_path / "shared.sqlite")
         config.write_text(yaml.safe_dump(data))
-        runs = [subprocess.Popen(mapd_argv("-q", "teach", "--config", str(config), "--mistakes", str(mistakes),
-                                           "--out", str(tmp_path / f"out{i}")), stderr=subprocess.PIPE, text=True)
+        runs = [subprocess.Popen(mapd_argv("-q", *teach_argv(config, mistakes, tmp_path / f"out{i}")),
+                                 stderr=subprocess.PIPE, text=True)
                 for i in range(2)]
         errors = [run.communicate(timeout=300)[1] for run in runs]
         assert [run.returncode for run in runs] == [0, 0], errors

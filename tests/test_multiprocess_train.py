@@ -34,7 +34,6 @@ epoch fraction per step), since a silent single process would otherwise also tra
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,15 +42,10 @@ import pytest
 import yaml
 
 from mapd.io import read_jsonl, write_jsonl
+from mapd.serve import free_port
 from tests.test_train import pairs
 
 STEPS = 8  # two epochs of the 16 pairs at a global batch of 4: the epoch reshuffle is compared too
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train_config(path: Path, *, batch: int, accumulation: int, group_by_length: bool) -> Path:

@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from mapd.errors import MapdError
-from mapd.records import (ARTIFACTS, Feedback, Rationale, Review, TeacherStats, TrainingPair, read_document,
+from mapd.records import (ARTIFACTS, Rationale, Review, TeacherStats, TrainingPair, read_document,
                           read_mistakes, read_records, write_records)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,6 @@ def test_mistakes_must_be_unique_and_present(tmp_path):
 def test_pairs_and_documents(tmp_path):
     pair = TrainingPair(id="1", kind="feedback", teacher="t", system="Be brief.", prompt="p", completion="c")
     assert pair.messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "p"}]
-    assert Feedback(id="1", teacher="t", text=None, error="x").model_dump()["text"] is None
     (tmp_path / "metrics.json").write_text(json.dumps({"task": "svamp", "split": "test", "model": "m", "n": 2}))
     with pytest.raises(MapdError, match=r"metrics\.json: field 'accuracy': missing"):
         read_document(tmp_path / "metrics.json", ARTIFACTS["metrics.json"])

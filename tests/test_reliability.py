@@ -17,48 +17,23 @@ import sqlite3
 import subprocess
 import threading
 from collections import Counter
-from functools import partial
 from pathlib import Path
 from secrets import token_hex
 
 import pytest
 import yaml
 from tests.openai_server import ALL_FAULTS, FakeOpenAIServer
-from tests.reliability_kit import (COMMITTEE, CountingReply, dead_url, jsonl_problems, make_mistakes, mapd_argv,
-                                   run_killed, run_mapd, snapshot, teacher_entries, wait_for, write_teach_setup)
+from tests.reliability_kit import (COMMITTEE, KEY_ENV, CountingReply, dead_url, jsonl_problems, make_mistakes,
+                                   mapd_argv, run_killed, run_mapd, snapshot, teach_argv, teach_records,
+                                   teacher_entries, wait_for, write_teach_setup)
 
 from mapd.cli import main
 from mapd.io import folder_lock, read_jsonl, write_jsonl
-from mapd.llm import CallCache, CallResult, Dispatcher
-from mapd.llm.openai_provider import Backoff
+from mapd.llm import CallCache, CallResult
 
-KEY_ENV = "MAPD_TEST_KEY"
-FAST = Backoff(initial_s=0.001, max_s=0.01, jitter_s=0.001)
 MAX_RETRIES = 6
 # a tqdm progress bar line: "desc:  40%|####  | 2/5 [00:01<00:02, ...]" or, total unknown, "desc: 3call [00:00, ...]"
 PROGRESS_BAR = re.compile(r"\[\d+:\d\d[<,]")
-
-
-@pytest.fixture
-def key(monkeypatch) -> str:
-    """A recognisable random key in $MAPD_TEST_KEY (subprocesses inherit it)."""
-    value = f"sk-test-{token_hex(16)}"
-    monkeypatch.setenv(KEY_ENV, value)
-    return value
-
-
-@pytest.fixture
-def fast_retries(monkeypatch) -> None:
-    """`mapd teach` in this process retries after milliseconds instead of seconds."""
-    monkeypatch.setattr("mapd.stages.teach.Dispatcher", partial(Dispatcher, backoff=FAST))
-
-
-def teach_argv(config: Path, mistakes: Path, out: Path) -> list[str]:
-    return ["teach", "--config", str(config), "--mistakes", str(mistakes), "--out", str(out)]
-
-
-def artifacts(out: Path) -> tuple[list, list]:
-    return read_jsonl(out / "feedback.jsonl"), read_jsonl(out / "rationales.jsonl")
 
 
 # -- endpoint faults --------------------------------------------------------------------------
@@ -73,7 +48,7 @@ def test_teach_keeps_every_record_at_thirty_percent_faults(tmp_path, key, fast_r
                                              max_retries=MAX_RETRIES, max_concurrency=16)
         # refusals and 400s are not retried: the stage ends incomplete (exit 3), with every record written
         assert main(teach_argv(config, mistakes, tmp_path / "out")) == 3
-    feedback, rationales = artifacts(tmp_path / "out")
+    feedback, rationales = teach_records(tmp_path / "out")
     pairs = [(f"q{i}", teacher) for i in range(n) for teacher in COMMITTEE]
     assert [(r["id"], r["teacher"]) for r in feedback] == pairs == [(r["id"], r["teacher"]) for r in rationales]
     verdicts = [v for r in rationales for v in r["reviews"]]
@@ -106,7 +81,7 @@ def test_an_unreachable_teacher_is_recorded_not_dropped(tmp_path, key, fast_retr
         data["teachers"][2]["base_url"] = dead_url()
         config.write_text(yaml.safe_dump(data))
         assert main(teach_argv(config, mistakes, tmp_path / "out")) == 3  # incomplete: every record written
-    feedback, rationales = artifacts(tmp_path / "out")
+    feedback, rationales = teach_records(tmp_path / "out")
     dead = COMMITTEE[2]
     for record in feedback + rationales:  # (the error's wording is the transport's: connection or timeout)
         assert (record["error"] is not None) == (record["teacher"] == dead)
@@ -129,7 +104,7 @@ def test_sigkill_during_teach_then_rerun_gives_the_uninterrupted_artifacts(tmp_p
     with FakeOpenAIServer(reply, latency_s=0.03) as server:
         config, mistakes = write_teach_setup(tmp_path, server.base_url, KEY_ENV, n, max_concurrency=concurrency)
         assert main(teach_argv(config, mistakes, tmp_path / "whole")) == 0
-        whole, calls = artifacts(tmp_path / "whole"), server.requests
+        whole, calls = teach_records(tmp_path / "whole"), server.requests
         assert calls == n * 3 * 4 and reply.duplicates == 0
         server.reset()
         reply.paid.clear()
@@ -146,7 +121,7 @@ def test_sigkill_during_teach_then_rerun_gives_the_uninterrupted_artifacts(tmp_p
         assert landed[0], (tmp_path / "killed.log").read_text()[-2000:]
         assert main(argv) == 0
         kills = sum(landed)
-    assert artifacts(out) == whole
+    assert teach_records(out) == whole
     in_flight = kills * len(COMMITTEE) * concurrency  # the most calls a kill can catch in the air
     assert server.requests <= calls + in_flight
     assert reply.duplicates <= in_flight
