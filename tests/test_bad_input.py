@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.reliability_kit import make_mistakes
+from tests.reliability_kit import make_mistakes, teach_argv
 
 from mapd.cli import main
 from mapd.config import load_config
@@ -49,8 +49,7 @@ GOOD = _jsonl(make_mistakes(2))
 
 
 def _teach(t: Path, mistakes: str | bytes = GOOD, config: str | None = None, out: Path | None = None) -> list[str]:
-    return ["teach", "--config", config or _config(t), "--mistakes", _write(t / "in" / "m.jsonl", mistakes),
-            "--out", str(out or t / "out")]
+    return teach_argv(config or _config(t), _write(t / "in" / "m.jsonl", mistakes), out or t / "out")
 
 
 def _with(mistake: dict) -> str:
@@ -164,6 +163,28 @@ CASES: dict[str, Case] = {
     "config with a base_url without its scheme": (
         lambda t: _teach(t, config=_config(t, teachers=[{**TEACHER, "base_url": "user:hunter2@localhost:8000/v1"}])),
         ["config.yaml:", "teachers.0.base_url: expected an http:// or https:// URL", "(value not shown)"]),
+    "config with a student base_url without its scheme": (
+        lambda t: _teach(t, config=_config(t, student={"base_url": "user:hunter2@localhost:8000/v1"})),
+        ["config.yaml:", "student.base_url: expected an http:// or https:// URL", "(value not shown)"]),
+    "config with an unknown build mode": (
+        lambda t: _teach(t, config=_config(t, build={"mode": "single"})),
+        ["config.yaml:", "build.mode: unknown mode 'single' (modes: mixed, single:<teacher>, no-review, all)"]),
+    # -- mapd run's up-front checks: before the run folder is made or any stage runs
+    "run with one teacher and peer review on": (
+        lambda t: ["run", _config(t, review={"enabled": True}), "--out", str(t / "run")],
+        ["config.yaml: review.enabled: peer review needs at least two teachers"]),
+    "run with no teacher": (
+        lambda t: ["run", _config(t, teachers=[]), "--out", str(t / "run")],
+        ["config.yaml: teachers: the committee needs at least one teacher"]),
+    "run whose single:<teacher> build mode names no teacher of the config": (
+        lambda t: ["run", _config(t, build={"mode": "single:claude"}), "--out", str(t / "run")],
+        ["config.yaml: build.mode: single:claude: teacher 'claude' is not in the config (teachers: gpt)"]),
+    # -- task data
+    "jsonl task data with a bad row after a blank line": (
+        lambda t: ["mine", "--out", str(t / "out"), "--config", _config(t, task={
+            "name": "jsonl", "path": _write(t / "in" / "d.jsonl", '{"question": "1 + 1?", "answer": 2}\n\n'
+                                                                     '{"question": "2 + 2?"}\n')})],
+        ["d.jsonl:3: missing field 'answer'"]),
     "config with a prompt template naming an unknown field": (
         lambda t: _teach(t, config=_config(t, prompts={"feedback": "Explain {mistake} to {student_answer}."})),
         ["config.yaml:", "prompts.feedback: {mistake} is not a field of this template"]),

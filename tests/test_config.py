@@ -111,3 +111,42 @@ def test_public_dump_redacts_url_credentials():
     dumped = public_dump(config)
     assert "secretpw" not in str(dumped) and "abc" not in str(dumped)
     assert dumped["teachers"][0]["base_url"] == "https://***@h.example/v1?***"
+
+
+def test_public_dump_redacts_every_base_url_student_included():
+    url = "https://u:secretpw@h.example/v1?key=qsecretq"
+    config = parse_config({"student": {"model": "m", "base_url": url},
+                           "teachers": [{"name": "a", "model": "m", "base_url": url}]})
+    dumped = public_dump(config)
+    assert "secretpw" not in str(dumped) and "qsecretq" not in str(dumped)
+    assert dumped["student"]["base_url"] == dumped["teachers"][0]["base_url"] == "https://***@h.example/v1?***"
+    assert config.student.base_url == url  # redacted in the dump only: the calls still carry it
+
+
+@pytest.mark.parametrize("section", ["student", "teacher"])
+@pytest.mark.parametrize("url", ["localhost:8000/v1", "u:hunter2@localhost:8000/v1", "ftp://h/v1", "http:///v1"])
+def test_a_base_url_must_be_http_with_a_host(section, url):
+    data = ({"student": {"base_url": url}} if section == "student"
+            else {"teachers": [{"name": "a", "model": "m", "base_url": url}]})
+    with pytest.raises(MapdError, match=r"base_url: expected an http:// or https:// URL with a host") as error:
+        parse_config(data, "c.yaml")
+    assert "hunter2" not in str(error.value) and "localhost" not in str(error.value)
+
+
+def test_cache_path_expands_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_config({"cache_path": "~/calls/cache.sqlite"}).cache_path == str(tmp_path / "calls" / "cache.sqlite")
+    assert parse_config({"cache_path": "cache.sqlite"}).cache_path == "cache.sqlite"
+    assert parse_config({}).cache_path is None
+
+
+@pytest.mark.parametrize("mode", ["mixed", "no-review", "all", "single:gpt"])
+def test_build_modes(mode):
+    assert parse_config({"build": {"mode": mode}}).build.mode == mode
+
+
+@pytest.mark.parametrize("mode", ["mix", "single:", "single: ", "Mixed", ""])
+def test_an_unknown_build_mode_is_a_config_error(mode):
+    with pytest.raises(MapdError, match=r"c.yaml: build.mode: unknown mode .* \(modes: mixed, single:<teacher>, "
+                                        r"no-review, all\)"):
+        parse_config({"build": {"mode": mode}}, "c.yaml")

@@ -169,3 +169,18 @@ def test_run_with_bad_task_data_creates_nothing(tmp_path, tiny_model_dir, capsys
     (tmp_path / "data" / "test.jsonl").write_text('{"id": "q1", "question": "What is 1 + 1?"}\n')  # no answer
     assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
     assert "test.jsonl:1" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_the_manifest_holds_no_base_url_credentials(tmp_path):
+    from mapd.config import parse_config
+    from mapd.layout import RunLayout
+    from mapd.runner import Manifest, _stages
+
+    url = "https://u:secretpw@h.example/v1?key=qsecretq"
+    config = parse_config({"student": {"model": "served-student", "base_url": url},
+                           "teachers": [{"name": "a", "model": "m", "base_url": url}],
+                           "review": {"enabled": False}})
+    Manifest(RunLayout(tmp_path / "run"), config, _stages())
+    text = (tmp_path / "run" / "manifest.json").read_text()
+    assert "secretpw" not in text and "qsecretq" not in text
+    assert json.loads(text)["config"]["student"]["base_url"] == "https://***@h.example/v1?***"

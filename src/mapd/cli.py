@@ -33,12 +33,10 @@ def _check_committee(config, path: str) -> None:
     """The committee's checks (mapd.stages.review.check_committee), their errors naming the config file."""
     from mapd.stages.review import check_committee
 
-    if not config.teachers:
-        raise MapdError(f"{path}: teachers: the committee needs at least one teacher")
     try:
         check_committee([teacher.name for teacher in config.teachers], config.review)
     except MapdError as exc:
-        raise MapdError(f"{path}: review.enabled: {exc}") from None
+        raise MapdError(f"{path}: {exc}") from None
 
 
 def _stage(run, folder, config, **extra) -> None:

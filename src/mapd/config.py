@@ -16,10 +16,13 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from mapd.errors import MapdError
 
 AnswerKind = Literal["number", "bool", "choice"]
+
+
 def _not_a_key(name: str) -> str:
     """Refuse a secret pasted where a variable *name* belongs (the error never shows the value)."""
     if re.fullmatch(r"(?:sk|AIza|gsk|xai|hf)[A-Za-z0-9_]{16,}|[A-Za-z0-9_]{40,}", name):
@@ -29,6 +32,34 @@ def _not_a_key(name: str) -> str:
 
 # The name of an environment variable, never its value: a key pasted here is refused, never echoed.
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"), AfterValidator(_not_a_key)]
+
+
+def _http_url(url: str) -> str:
+    """Refuse a base_url that is not an http(s) URL with a host (one without a scheme would fail every
+    call); the error never shows the value (it may hold credentials)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. a bad [IPv6] host
+        ok = False
+    if not ok:
+        raise PydanticCustomError("base_url", "expected an http:// or https:// URL with a host, e.g. "
+                                  "https://api.openai.com/v1 (value not shown)")
+    return url
+
+
+# An OpenAI-compatible endpoint: an http(s) URL with a host, never echoed in an error; public_dump redacts
+# the credentials it may hold (user:password@, query parameters).
+BaseUrl = Annotated[str, AfterValidator(_http_url)]
+
+
+def _expand_user(path: str | None) -> str | None:
+    """``~/x`` -> ``/home/me/x``: a path field means the same to every stage that opens it."""
+    return str(Path(path).expanduser()) if path else path
+
+
 # Marks a field that changes how a run goes, not what it produces: it may change between reruns of one
 # run folder (docs/reliability.md#resume-after-a-config-change).
 OPERATIONAL = {"operational": True}
@@ -74,7 +105,7 @@ class TeacherConfig(BaseModel):
         description="Model id sent to the endpoint, or for a local teacher a hub id, folder, "
         ".gguf file or embedded:<name> model."
     )
-    base_url: str | None = Field(
+    base_url: BaseUrl | None = Field(
         None, json_schema_extra=OPERATIONAL,
         description="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1. Query parameters in it are sent "
         "with every request; user:password@ travels as a Basic Authorization header.",
@@ -294,7 +325,7 @@ class StudentConfig(BaseModel):
         "{port} and {name}, e.g. 'vllm serve {model} --port {port} --served-model-name {name}' or "
         "'transformers serve {model} --port {port} --continuous-batching'. Unset (and no base_url): in-process.",
     )
-    base_url: str | None = Field(
+    base_url: BaseUrl | None = Field(
         None, json_schema_extra=OPERATIONAL,
         description="Generate with an OpenAI-compatible server that is already running (e.g. a vLLM fleet behind "
         "a load balancer); model is then the name it serves.",
@@ -324,6 +355,10 @@ class StudentConfig(BaseModel):
         return bool(self.serve or self.base_url)
 
 
+# the build modes mapd.stages.build implements, besides single:<teacher> (_check_meaning checks the field)
+BUILD_MODES = ("mixed", "no-review", "all")
+
+
 class BuildConfig(BaseModel):
     """How instruction data is made from mistakes, feedback and rationales (docs/method.md#5-instruction-data)."""
 
@@ -348,9 +383,10 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Joint-loss fine-tuning.")
     rounds: int = Field(1, ge=1, json_schema_extra=OPERATIONAL,
                         description="Rounds: each mines the mistakes of the student trained in the last.")
-    cache_path: str | None = Field(
+    cache_path: Annotated[str | None, AfterValidator(_expand_user)] = Field(
         None, json_schema_extra=OPERATIONAL,
-        description="SQLite call cache; default <run dir>/cache.sqlite. Share one path between runs to reuse calls.",
+        description="SQLite call cache (~ is your home folder); default <run dir>/cache.sqlite. Share one path "
+        "between runs to reuse calls.",
     )
     max_budget_usd: float | None = Field(
         None, gt=0, json_schema_extra=OPERATIONAL,
@@ -404,12 +440,9 @@ PROMPT_FIELDS = {"answer": ("question", "answer_format"),
 
 
 def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], int | None]) -> None:
-    """What the field types cannot say: the task exists (and a jsonl task has a path), every prompt template
-    fills in with its fields, and every base_url is an http(s) URL with a host (one without a scheme would
-    fail every call). Errors name the file, line and field; a base_url is never shown (it may hold
-    credentials)."""
-    from urllib.parse import urlsplit
-
+    """What the field types cannot say: the task exists (and a jsonl task has a path), the build mode is
+    one mapd.stages.build implements, and every prompt template fills in with its fields. Errors name the
+    file, line and field."""
     from mapd.tasks import get_task
 
     def at(location: tuple) -> str:
@@ -420,6 +453,10 @@ def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], in
         get_task(config.task)
     except MapdError as exc:
         raise MapdError(f"{at(('task', 'name'))}: {exc}") from None
+    mode = config.build.mode
+    if mode not in BUILD_MODES and not (mode.startswith("single:") and mode.removeprefix("single:").strip()):
+        raise MapdError(f"{at(('build', 'mode'))}: build.mode: unknown mode {mode!r} (modes: mixed, "
+                        "single:<teacher>, no-review, all)")
     for name, fields in PROMPT_FIELDS.items():
         try:
             used = [field for _, field, _, _ in Formatter().parse(getattr(config.prompts, name)) if field is not None]
@@ -431,12 +468,6 @@ def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], in
             raise MapdError(f"{at(('prompts', name))}: prompts.{name}: {{{unknown[0]}}} is not a field of this "
                             f"template (its fields: {', '.join('{' + f + '}' for f in fields)}; write {{{{ or }}}} "
                             "for a literal brace)")
-    for index, teacher in enumerate(config.teachers):
-        if teacher.base_url is not None:
-            parts = urlsplit(teacher.base_url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise MapdError(f"{at(('teachers', index, 'base_url'))}: teachers.{index}.base_url: expected an "
-                                "http:// or https:// URL with a host, e.g. https://api.openai.com/v1 (value not shown)")
 
 
 MAX_CONFIG_VALUES = 100_000  # YAML aliases can make a short file expand to billions of values
@@ -556,9 +587,9 @@ def public_dump(config: RunConfig) -> dict[str, Any]:
     from mapd.secrets import redact_url
 
     data = config.model_dump(mode="json")
-    for teacher in data["teachers"]:
-        if teacher.get("base_url"):
-            teacher["base_url"] = redact_url(teacher["base_url"])
+    for endpoint in [*data["teachers"], data["student"]]:  # the config's every base_url
+        if endpoint.get("base_url"):
+            endpoint["base_url"] = redact_url(endpoint["base_url"])
     return data
 
 

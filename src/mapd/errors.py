@@ -20,7 +20,12 @@ class IncompleteStage(MapdError):
     """A stage finished with calls that failed or were not made (the budget, a stopped teacher).
 
     Its records are written (failed calls as records with an error); rerunning the same command
-    makes only the calls still missing.
+    makes only the calls still missing. ``summary``, when given, is what the stage did so far: ``mapd run``
+    records it in the manifest beside the ``incomplete`` status.
     """
 
     exit_code = 3
+
+    def __init__(self, message: str, *, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary

@@ -18,7 +18,7 @@ from mapd.layout import EvalLayout, RoundLayout
 from mapd.prompts import answer_messages
 from mapd.generation import Generation
 from mapd.records import Metrics, Prediction, write_document, write_records
-from mapd.student import served_answers
+from mapd.student import served_answers, trained_student
 from mapd.tasks import Example, Task, get_task
 
 log = logging.getLogger("mapd.evaluate")
@@ -116,7 +116,7 @@ def evaluate_model(out: EvalLayout, *, student: StudentConfig, task: TaskConfig,
     examples = loaded.load(split, limit)  # bad data fails before any model loads
     predictions, seconds = predict_split(
         student, loaded, examples, prompts, greedy=True, stage=f"eval {split}", desc=f"eval {task.name}/{split}",
-        cache_path=Path(cache_path) if cache_path else out.dir / "cache.sqlite", log_path=out.dir / "server.log",
+        cache_path=Path(cache_path) if cache_path else out.default_cache, log_path=out.server_log,
     )
     result = metrics(predictions, task=task.name, split=split, model=student.model, seconds=seconds)
     write_records(out.predictions, predictions)
@@ -148,6 +148,6 @@ def run_eval_before(folder: RoundLayout, *, task: TaskConfig, student: StudentCo
 def run_eval_after(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, prompts: PromptConfig,
                    cache_path: str | None) -> dict:
     """The student this round trained (``round/model``), on the test split: ``round/eval_after``."""
-    trained = student.model_copy(update={"model": str(folder.model), "gguf_file": None})
-    return evaluate_model(folder.eval_after, student=trained, task=task, split=task.test_split,
-                          limit=task.test_limit, prompts=prompts, cache_path=cache_path).model_dump()
+    return evaluate_model(folder.eval_after, student=trained_student(student, folder.model), task=task,
+                          split=task.test_split, limit=task.test_limit, prompts=prompts,
+                          cache_path=cache_path).model_dump()

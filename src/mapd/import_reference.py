@@ -120,10 +120,10 @@ def _score(value: Any, where: str, key: str) -> int | None:
 
 
 def _rationales(path: Path, golds: dict[str, str], answer_kind: str) -> list[Rationale]:
-    records, config = [], ReviewConfig()
+    records, config, known = [], ReviewConfig(), set(golds)
     for index, record in enumerate(_load(path)):
         where = f"{path}: record {index}"
-        id_ = _id(record, where, set(golds))
+        id_ = _id(record, where, known)
         for teacher, reviewers in REVIEWERS.items():
             key = f"{teacher}_rationale"
             entry = _field(record, key, where, (list,))

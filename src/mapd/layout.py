@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+CACHE = "cache.sqlite"  # a call cache (mapd.llm.CallCache)
+SERVER_LOG = "server.log"  # the output of a server mapd started (mapd.serve)
+
+
 def _file(*parts: str) -> property:
     """A path inside the layout's folder, named once here."""
     return property(lambda self: self.dir.joinpath(*parts))
@@ -23,6 +27,8 @@ class EvalLayout:
     dir: Path
     predictions = _file("predictions.jsonl")
     metrics = _file("metrics.json")
+    default_cache = _file(CACHE)  # the call cache of a served student, when no cache_path is given
+    server_log = _file(SERVER_LOG)
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,8 @@ class RoundLayout:
     model = _file("model")  # the trained student: a folder from_pretrained loads
     model_done = _file("model", "config.json")  # written last when training saves
     train_log = _file("model", "train_log.jsonl")
-    default_cache = _file("cache.sqlite")  # the call cache of a stage command run on this folder alone
+    default_cache = _file(CACHE)  # the call cache of a stage command run on this folder alone
+    server_log = _file(SERVER_LOG)  # what a served student's server prints (mine)
 
     @property
     def mistakes(self) -> Path:
@@ -59,18 +66,23 @@ class RunLayout:
 
     dir: Path
     manifest = _file("manifest.json")
-    cache = _file("cache.sqlite")
+    cache = _file(CACHE)
     report_html = _file("report.html")
     report_md = _file("report.md")
 
     def round(self, index: int) -> RoundLayout:
         return RoundLayout(self.dir / f"round-{index}")
 
+    def round_numbers(self) -> list[int]:
+        """The numbers of the round-N/ folders present, in order."""
+        return sorted(int(p.name.split("-")[1]) for p in self.dir.glob("round-*")
+                      if p.is_dir() and re.fullmatch(r"round-\d+", p.name))
+
     def rounds(self) -> list[RoundLayout]:
         """The round folders present, in round order; the folder itself when it is a round folder alone."""
-        numbered = [p for p in self.dir.glob("round-*") if p.is_dir() and re.fullmatch(r"round-\d+", p.name)]
-        if numbered:
-            return [RoundLayout(p) for p in sorted(numbered, key=lambda p: int(p.name.split("-")[1]))]
+        numbers = self.round_numbers()
+        if numbers:
+            return [self.round(number) for number in numbers]
         alone = RoundLayout(self.dir)
         files = (alone.mistakes, alone.feedback, alone.rationales, alone.teach_stats, alone.train, alone.train_log,
                  *(path for e in (alone.eval_before, alone.eval_after) for path in (e.metrics, e.predictions)))

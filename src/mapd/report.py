@@ -240,12 +240,9 @@ def answer_kind(manifest: dict | None, golds: list[str]) -> str:
             return get_task(TaskConfig.model_validate(task)).answer_kind
         except (MapdError, ValueError):
             pass  # an unknown or outdated task config: fall back to the golds
-    values = {str(g).strip().lower() for g in golds}
-    if values and values <= {"true", "false"}:
-        return "bool"
-    if values and all(len(v) == 1 and v.isalpha() for v in values):
-        return "choice"
-    return "number"
+    from mapd.tasks.base import infer_answer_kind
+
+    return infer_answer_kind(golds)
 
 
 def _rationale_right(record: Rationale, gold: str, kind: str) -> bool:

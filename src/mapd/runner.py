@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shlex
 import time
 from collections.abc import Callable
@@ -37,12 +36,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mapd.config import RunConfig, config_changes, embedded_default_config, load_config, public_dump, result_fields
+from mapd.config import (EMBEDDED_DEFAULT, RunConfig, config_changes, embedded_default_config, load_config, public_dump,
+                         result_fields)
 from mapd.errors import IncompleteStage, MapdError
 from mapd.io import folder_lock, read_json, write_json
 from mapd.layout import RoundLayout, RunLayout
 from mapd.models import check_local_teachers, resolve_model
-from mapd.student import server_pool
+from mapd.student import server_pool, trained_student
 from mapd.tasks import get_task
 
 # 2: per-stage fingerprints, "incomplete" stages, "superseded" moves. A version-1 manifest is read
@@ -272,9 +272,8 @@ class Manifest:
 
 def _round_folders(run_dir: RunLayout) -> int:
     """How many rounds the folder's round-N/ folders reach (0 when none)."""
-    numbers = [int(p.name.split("-")[1]) for p in run_dir.dir.glob("round-*")
-               if p.is_dir() and re.fullmatch(r"round-\d+", p.name)]
-    return max(numbers) + 1 if numbers else 0
+    numbers = run_dir.round_numbers()
+    return numbers[-1] + 1 if numbers else 0
 
 
 def _now() -> str:
@@ -323,13 +322,30 @@ def _run_stage(manifest: Manifest, round_index: int, stage: Stage, folder: Round
     except IncompleteStage as exc:
         record.update(status="incomplete", seconds=round(time.perf_counter() - start, 2), error=str(exc),
                       finished=_now())
-        if getattr(exc, "summary", None) is not None:
+        if exc.summary is not None:
             record["summary"] = exc.summary
         manifest.save()
         raise
     record.update(status="done", seconds=round(time.perf_counter() - start, 2), summary=summary, finished=_now())
     manifest.save()
     return summary
+
+
+def _check_run_config(config: RunConfig, source: str) -> None:
+    """What fails a run only at a later stage, checked before the first one: the committee (at least one
+    teacher; two with peer review on) and the teacher a ``single:<teacher>`` build mode names. Errors name
+    the config file and field."""
+    from mapd.stages.review import check_committee
+
+    names = [teacher.name for teacher in config.teachers]
+    try:
+        check_committee(names, config.review)
+    except MapdError as exc:
+        raise MapdError(f"{source}: {exc}") from None
+    single = config.build.mode.removeprefix("single:") if config.build.mode.startswith("single:") else None
+    if single is not None and single not in names:
+        raise MapdError(f"{source}: build.mode: {config.build.mode}: teacher '{single}' is not in the config "
+                        f"(teachers: {', '.join(names)})")
 
 
 def default_run_dir(config_path: str | None) -> Path:
@@ -345,8 +361,7 @@ def run(config_path: str | None, out: Path | None = None, start: str | None = No
     if start is not None and start not in STAGE_NAMES:
         raise MapdError(f"--from {start}: not a stage (stages, in order: {', '.join(STAGE_NAMES)})")
     config = load_config(config_path) if config_path else embedded_default_config()
-    if not config.teachers:
-        raise MapdError(f"{config_path}: teachers: the committee needs at least one teacher")
+    _check_run_config(config, config_path or str(EMBEDDED_DEFAULT))
     if config_path is None:
         print(
             "mapd: running the offline demonstration (embedded default). Its tiny local teachers test the "
@@ -379,8 +394,7 @@ def run(config_path: str | None, out: Path | None = None, start: str | None = No
                     print(f"[round {round_index}] the student made no mistakes on the train split: nothing to teach")
                     break
             else:  # the next round mines the mistakes of the student this round trained
-                trained = config.student.model_copy(update={"model": str(folder.model), "gguf_file": None})
-                config = config.model_copy(update={"student": trained})
+                config = config.model_copy(update={"student": trained_student(config.student, folder.model)})
                 continue
             break
         manifest.data["finished"] = _now()

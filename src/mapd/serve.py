@@ -196,10 +196,6 @@ class Server:
                                command=self.command, log_path=self.log_path,
                                tail=log_tail(self.log_path, self._log_offset), returncode=code)
 
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on now (the OS picks it); the server binds it a moment later."""

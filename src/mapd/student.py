@@ -28,6 +28,11 @@ STUDENT = "student"  # the name of the student's endpoint in call keys and stati
 NOT_STARTED = "http://127.0.0.1:9/v1"  # stands for the server while every answer is cached (no request is made)
 
 
+def trained_student(student: StudentConfig, model_dir: Path) -> StudentConfig:
+    """``student`` with its model replaced by the one a round trained (a folder, never a GGUF file)."""
+    return student.model_copy(update={"model": str(model_dir), "gguf_file": None})
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where the student's requests go, and the model name they carry."""

@@ -39,8 +39,6 @@ from mapd.records import TrainingPair, read_records
 KINDS = ("feedback", "rationale")
 
 
-
-
 def load_pairs(path: Path, alpha: float) -> list[TrainingPair]:
     """The train.jsonl pairs whose kind has a non-zero weight; a bad line raises MapdError naming it."""
     records = read_records(path, TrainingPair)

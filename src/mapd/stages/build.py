@@ -18,18 +18,17 @@ line wins (a rerun of a stage appends the newer result).
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter, defaultdict
 from contextlib import nullcontext
 
-from mapd.config import BuildConfig, PromptConfig, TaskConfig
+from mapd.config import BUILD_MODES, BuildConfig, PromptConfig, TaskConfig
 from mapd.errors import MapdError
 from mapd.io import check_folder, folder_lock, read_jsonl_lines
 from mapd.layout import RoundLayout
 from mapd.prompts import answer_messages, feedback_messages
 from mapd.records import Feedback, Mistake, Rationale, TrainingPair, read_mistakes, read_records, write_records
 from mapd.tasks import get_task
-from mapd.tasks.base import check_mistakes
+from mapd.tasks.base import check_mistakes, infer_answer_kind as infer_kind
 
 
 def _by_mistake(records: list[Feedback] | list[Rationale], name: str, ids: set[str]) -> dict[str, list]:
@@ -46,13 +45,8 @@ def _by_mistake(records: list[Feedback] | list[Rationale], name: str, ids: set[s
 
 
 def infer_answer_kind(mistakes: list[Mistake]) -> str:
-    """``bool`` when every gold is true/false, ``choice`` when every gold is one capital letter, else ``number``."""
-    golds = {mistake.gold for mistake in mistakes}
-    if golds and golds <= {"true", "false"}:
-        return "bool"
-    if golds and all(re.fullmatch(r"[A-J]", gold) for gold in golds):
-        return "choice"
-    return "number"
+    """The answer kind of the mistakes' gold answers (:func:`mapd.tasks.base.infer_answer_kind`)."""
+    return infer_kind(mistake.gold for mistake in mistakes)
 
 
 def _pair(kind: str, mistake: Mistake, teacher: str, messages: list[dict[str, str]], completion: str) -> TrainingPair:
@@ -81,7 +75,7 @@ def build_pairs(
     single = mode.split(":", 1)[1] if mode.startswith("single:") else None
     if single is not None and single not in teachers:
         raise MapdError(f"build mode {mode}: unknown teacher '{single}' (teachers: {', '.join(teachers) or 'none'})")
-    if single is None and mode not in {"mixed", "no-review", "all"}:
+    if single is None and mode not in BUILD_MODES:
         raise MapdError(f"build mode '{mode}': unknown (modes: mixed, single:<teacher>, no-review, all)")
 
     def usable_rationale(record: Rationale) -> bool:
@@ -129,8 +123,9 @@ def run_build(folder: RoundLayout, *, task: TaskConfig | None, build: BuildConfi
     (``mapd build`` without ``--config``) it is inferred from the gold answers (:func:`infer_answer_kind`).
     """
     mistakes = read_mistakes(folder.mistakes)
+    answer_kind = get_task(task).answer_kind if task is not None else infer_answer_kind(mistakes)
     if task is not None:
-        check_mistakes(folder.mistakes, mistakes, get_task(task).answer_kind, task.name)
+        check_mistakes(folder.mistakes, mistakes, answer_kind, task.name)
     feedback = read_records(folder.feedback, Feedback)
     rationales = read_records(folder.rationales, Rationale)
     ids = {mistake.id for mistake in mistakes}
@@ -139,7 +134,6 @@ def run_build(folder: RoundLayout, *, task: TaskConfig | None, build: BuildConfi
         if stray is not None:  # named by its line (read_records: one record per non-blank line)
             line = [number for number, _ in read_jsonl_lines(path)][stray]
             raise MapdError(f"{path}:{line}: field 'id': {records[stray].id!r} is not in {folder.mistakes}")
-    answer_kind = get_task(task).answer_kind if task is not None else infer_answer_kind(mistakes)
     pairs, counts = build_pairs(mistakes, feedback, rationales, build=build, prompts=prompts, answer_kind=answer_kind)
     if not pairs:
         raise MapdError(

@@ -41,7 +41,7 @@ def run_mine(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, p
     with folder_lock(folder.dir) if lock else nullcontext():
         predictions, seconds = predict_split(
             student, loaded, examples, prompts, greedy=False, stage="mine", desc="mine",
-            cache_path=Path(cache_path) if cache_path else folder.default_cache, log_path=folder.dir / "server.log",
+            cache_path=Path(cache_path) if cache_path else folder.default_cache, log_path=folder.server_log,
         )
         mistakes = mine(predictions)
         write_records(folder.mistakes, mistakes)

@@ -51,11 +51,14 @@ def accept(scores: list[int | None], config: ReviewConfig) -> tuple[float | None
 
 
 def check_committee(committee: list[str], config: ReviewConfig) -> None:
-    """Peer review needs someone else to review: a one-teacher committee must turn review off."""
+    """A committee needs a teacher, and peer review someone else to review: a one-teacher committee must
+    turn review off. The error names the config field at fault (callers put the config file before it)."""
+    if not committee:
+        raise MapdError("teachers: the committee needs at least one teacher")
     if config.enabled and len(committee) < 2:
         raise MapdError(
-            f"peer review needs at least two teachers, the committee has {len(committee)} "
-            f"({', '.join(committee) or 'none'}): add a teacher or set review.enabled: false"
+            f"review.enabled: peer review needs at least two teachers, the committee has {len(committee)} "
+            f"({', '.join(committee)}): add a teacher or set review.enabled: false"
         )
 
 

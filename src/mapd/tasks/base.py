@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mapd.answers import LETTERS
 from mapd.config import AnswerKind
 from mapd.errors import MapdError
-from mapd.io import read_jsonl, read_jsonl_lines
+from mapd.io import read_jsonl_lines
 
-CHOICE_LETTERS = "ABCDEFGHIJ"
+CHOICE_LETTERS = LETTERS  # the option letters A-J, defined once in mapd.answers
 NUMBER_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
@@ -24,8 +25,6 @@ class Example:
     question: str
     gold: str
     options: list[str] | None = field(default=None)
-
-
 
 
 @dataclass(frozen=True)
@@ -110,6 +109,17 @@ def gold_problem(gold: str, kind: AnswerKind) -> str | None:
     return None if len(gold) == 1 and gold in CHOICE_LETTERS else f"{gold!r} is not an option letter A-J"
 
 
+def infer_answer_kind(golds: Iterable[str]) -> AnswerKind:
+    """The answer kind of gold answers when no task says it: ``bool`` when every gold is true or false,
+    ``choice`` when every gold is one option letter (either case, surrounding space ignored), else ``number``."""
+    values = {str(gold).strip() for gold in golds}
+    if values and {value.lower() for value in values} <= {"true", "false"}:
+        return "bool"
+    if values and all(len(value) == 1 and value.upper() in CHOICE_LETTERS for value in values):
+        return "choice"
+    return "number"
+
+
 def check_mistakes(path: str | Path, mistakes: list, kind: AnswerKind, task: str) -> None:
     """MapdError ``file:line: field '...': ...`` for the first mistake (as ``mapd.records.read_mistakes``
     reads them: one per non-blank line) whose gold is not of the task's answer kind or whose question
@@ -142,8 +152,7 @@ def load_rows(task: str, path: str | None, split: str, hub_id: str | None = None
         file = base / f"{split}.jsonl" if base.is_dir() else base
         if not file.exists():
             raise MapdError(f"task {task}: no data file {file} for split '{split}'")
-        rows = read_jsonl(file)
-        return [(f"{file}:{number}", row) for number, row in enumerate(rows, start=1)]
+        return [(f"{file}:{number}", row) for number, row in read_jsonl_lines(file)]
     if hub_id is None:
         raise MapdError(f"task {task}: set task.path to a local JSONL file or folder")
     from datasets import load_dataset  # imported lazily: slow, and unused for local files
