@@ -4,56 +4,40 @@ per-request errors, a failed batch, the budget, a mixed live + batch committee, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
 import time
-from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
 from tests.batch_server import FakeBatchServer
-from tests.reliability_kit import COMMITTEE, CountingReply, run_killed, wait_for, write_teach_setup
+from tests.reliability_kit import (COMMITTEE, FAST, KEY_ENV, CountingReply, mapd_argv, run_killed, teach_records,
+                                   wait_for, write_teach_setup)
+from tests.reliability_kit import teach_argv as kit_teach_argv
 
 from mapd.cli import main
-from mapd.io import read_jsonl
-from mapd.llm import Dispatcher
-from mapd.llm.openai_provider import Backoff
+from mapd.config import TeacherConfig
+from mapd.llm import Call, CallCache, CallKey, Dispatcher
+from mapd.llm.openai_provider import OpenAIProvider
 
-KEY_ENV = "MAPD_TEST_KEY"
 BATCH = {"batch": True, "batch_poll_s": 0.05}
 N = 6  # mistakes
 PHASE_1 = N * len(COMMITTEE) * 2  # feedback + rationale per teacher and mistake
 REVIEWS = N * len(COMMITTEE) * (len(COMMITTEE) - 1)
 
 
-@pytest.fixture
-def fast_retries(monkeypatch) -> None:
-    """`mapd teach` in this process retries after milliseconds."""
-    monkeypatch.setattr("mapd.stages.teach.Dispatcher",
-                        partial(Dispatcher, backoff=Backoff(initial_s=0.001, max_s=0.01, jitter_s=0.001)))
-
-
-@pytest.fixture
-def key(monkeypatch) -> str:
-    value = "sk-batch-test-0123456789abcdef"
-    monkeypatch.setenv(KEY_ENV, value)
-    return value
-
-
 def teach_argv(folder: Path, out: Path, *extra: str) -> list[str]:
-    return ["teach", "--config", str(folder / "config.yaml"), "--mistakes", str(folder / "mistakes.jsonl"),
-            "--out", str(out), *extra]
+    """`mapd teach` on the setup that write_teach_setup wrote into ``folder``."""
+    return kit_teach_argv(folder / "config.yaml", folder / "mistakes.jsonl", out, *extra)
 
-
-def records(out: Path) -> tuple[list[dict], list[dict]]:
-    return read_jsonl(out / "feedback.jsonl"), read_jsonl(out / "rationales.jsonl")
 
 
 def assert_complete(out: Path, n: int = N) -> None:
     """Every feedback, rationale and review is there once, answered, keyed by its own (id, teacher, reviewer)."""
-    feedback, rationales = records(out)
+    feedback, rationales = teach_records(out)
     assert sorted((r["id"], r["teacher"]) for r in feedback) == sorted(
         (f"q{i}", t) for i in range(n) for t in COMMITTEE)
     assert all(r["text"] and r["text"].startswith(f"model-{r['teacher']} explains") for r in feedback)
@@ -102,7 +86,7 @@ def test_batch_committee_has_every_record_no_live_call_and_two_rounds(tmp_path, 
         set_config(tmp_path, cache_path=str(tmp_path / "out" / "cache.sqlite"))
         assert main(teach_argv(tmp_path, tmp_path / "again")) == 0
         assert server.requests == 0 and server.batches_created == 0
-    assert records(tmp_path / "again") == records(tmp_path / "out")
+    assert teach_records(tmp_path / "again") == teach_records(tmp_path / "out")
 
 
 def test_files_are_split_at_the_request_limit(tmp_path, key):
@@ -171,7 +155,7 @@ def test_a_request_that_keeps_failing_is_a_failed_record_and_exit_3(tmp_path, ke
         write_teach_setup(tmp_path, server.base_url, KEY_ENV, 1, batch_max_submissions=2, **BATCH)
         assert main(teach_argv(tmp_path, tmp_path / "out")) == 3
         assert set(server.submitted_custom_ids.values()) == {2}
-    feedback, rationales = records(tmp_path / "out")
+    feedback, rationales = teach_records(tmp_path / "out")
     assert all(r["text"] is None and "submitted 2 times" in r["error"] for r in feedback + rationales)
 
 
@@ -180,7 +164,7 @@ def test_a_failed_batch_is_a_loud_error_with_the_providers_message(tmp_path, key
         write_teach_setup(tmp_path, server.base_url, KEY_ENV, 2, **BATCH)
         assert main(teach_argv(tmp_path, tmp_path / "out")) == 3
     assert "is not available for batch" in capsys.readouterr().err
-    feedback, rationales = records(tmp_path / "out")
+    feedback, rationales = teach_records(tmp_path / "out")
     failed = [r for r in feedback + rationales if r["text"] is None]
     assert failed and all("is not available for batch" in r["error"] for r in failed)
     assert len(feedback) == 2 * len(COMMITTEE) and len(rationales) == 2 * len(COMMITTEE)
@@ -285,7 +269,7 @@ def test_pending_batch_requests_hold_their_reservation_after_the_process_is_gone
 def test_an_unreachable_batch_endpoint_fails_the_calls_and_exits_3(tmp_path, key, capsys):
     write_teach_setup(tmp_path, "http://127.0.0.1:9/v1", KEY_ENV, 1, max_retries=0, **BATCH)
     assert main(teach_argv(tmp_path, tmp_path / "out")) == 3
-    feedback, rationales = records(tmp_path / "out")
+    feedback, rationales = teach_records(tmp_path / "out")
     assert all(r["error"].startswith("BatchUpload: ") and "127.0.0.1', 9" in r["error"] for r in feedback + rationales)
     assert key not in capsys.readouterr().err
 
@@ -335,7 +319,7 @@ def test_an_endpoint_without_the_batch_api_stops_the_teacher_at_its_first_upload
         assert server.requests == 0
     err = capsys.readouterr().err
     assert "stopped teachers" in err and "no route /v1/files" in err
-    feedback, rationales = records(tmp_path / "out")
+    feedback, rationales = teach_records(tmp_path / "out")
     assert all(r["error"].startswith("BatchUpload: NotFoundError") for r in feedback + rationales)
 
 
@@ -372,7 +356,7 @@ def test_malformed_output_lines_are_resubmitted_then_failed_records_never_a_hang
         write_teach_setup(tmp_path, server.base_url, KEY_ENV, 1, batch_max_submissions=2, **BATCH)
         assert main(teach_argv(tmp_path, tmp_path / "out")) == 3
         assert set(server.submitted_custom_ids.values()) == {2}
-    feedback, rationales = records(tmp_path / "out")
+    feedback, rationales = teach_records(tmp_path / "out")
     assert all("unusable reply: TypeError" in r["error"] for r in feedback + rationales)
 
 
@@ -381,7 +365,6 @@ def test_two_processes_on_one_cache_submit_each_request_once(tmp_path, key):
     batches instead of creating its own from A's files or submitting the requests again."""
     import subprocess
 
-    from tests.reliability_kit import mapd_argv
 
     class SlowCreate(FakeBatchServer):
         def _create(self, handler, raw, query):
@@ -401,4 +384,44 @@ def test_two_processes_on_one_cache_submit_each_request_once(tmp_path, key):
             server.batches_created)])]
         assert len(inputs) == len(set(inputs))  # no file made into two batches (the reviews may split between A and B)
         assert max(server.submitted_custom_ids.values()) == 1 and reply.duplicates == 0
-    assert records(tmp_path / "a") == records(tmp_path / "b")
+    assert teach_records(tmp_path / "a") == teach_records(tmp_path / "b")
+
+
+def test_calls_a_batch_gave_up_share_the_teachers_live_request_slots(tmp_path, key, monkeypatch):
+    """A live teacher whose earlier batch gave its calls up makes them live within the same max_concurrency as
+    its other calls: never more of its calls at the endpoint at once than that."""
+    making, most = 0, 0
+    complete = OpenAIProvider.complete
+
+    async def counted(self, call):
+        nonlocal making, most
+        making += 1
+        most = max(most, making)
+        try:
+            return await complete(self, call)
+        finally:
+            making -= 1
+
+    monkeypatch.setattr(OpenAIProvider, "complete", counted)
+    calls = [Call(CallKey("test", str(i), "t"), [{"role": "user", "content": f"question {i}"}]) for i in range(12)]
+    with (FakeBatchServer(CountingReply(), batch_latency_s=3600, batch_error_first=1, latency_s=0.2) as server,
+          CallCache(tmp_path / "cache.sqlite") as cache):
+        live = TeacherConfig(name="t", model="model-t", base_url=server.base_url, api_key_env=KEY_ENV,
+                             max_concurrency=2, batch_poll_s=0.05)
+
+        async def submit_then_stop() -> None:  # the run ends with its first 6 calls pending in one batch
+            for call in calls[:6]:
+                asyncio.ensure_future(dispatcher.complete(call))
+            while not (rows := cache.batches()) or rows[0]["batch_id"] is None:
+                await asyncio.sleep(0.05)
+
+        with Dispatcher([live.model_copy(update={"batch": True})], cache) as dispatcher:
+            dispatcher.run(submit_then_stop(), desc=None)
+        server.finish_all()  # every line of that batch is an error: its calls go live in the next run
+        server.batch_latency_s = 0
+        server.reset()
+        with Dispatcher([live], cache, backoff=FAST) as dispatcher:
+            results = dispatcher.complete_all(calls)
+        assert all(result.text for result in results.values())
+        assert server.requests == 12 and server.batches_created == 0  # 6 given up by the batch, 6 new
+        assert most == 2

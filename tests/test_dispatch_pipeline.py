@@ -11,18 +11,16 @@ import re
 
 import pytest
 from tests.openai_server import FakeOpenAIServer
-from tests.reliability_kit import dead_url
+from tests.reliability_kit import FAST, dead_url
 
 from mapd.config import PromptConfig, ReviewConfig, TeacherConfig
 from mapd.generation import Generation
 from mapd.llm import Call, CallCache, CallKey, CallResult, Dispatcher
-from mapd.llm.openai_provider import Backoff
 from mapd.prompts import answer_messages, feedback_messages, review_messages
 from mapd.records import Feedback, Mistake, Rationale, Review
 from mapd.stages.review import judged, parse_score, reviewers
 from mapd.stages.teach import Committee, teach
 
-FAST = Backoff(initial_s=0.001, max_s=0.01, jitter_s=0.001)
 
 
 def http(server: FakeOpenAIServer, name: str, **fields) -> TeacherConfig:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 from tests.openai_server import PERMANENT_FAULTS, TRANSIENT_FAULTS, FakeOpenAIServer
+from tests.reliability_kit import FAST
 
 from mapd.config import TeacherConfig
 from mapd.errors import MapdError
@@ -17,11 +18,11 @@ from mapd.generation import Generation
 from mapd.llm import Call, CallCache, CallKey, CallResult, Dispatcher
 from mapd.llm.cache import cache_key
 from mapd.llm.dispatch import BUDGET_ERROR
-from mapd.llm.openai_provider import Backoff, retry_after_s
+from mapd.llm.openai_provider import retry_after_s
+from mapd.secrets import check_credentials
 
 KEY_ENV = "MAPD_TEST_LLM_KEY"
 SECRET = "sk-test-not-a-real-key-0123456789"
-FAST = Backoff(initial_s=0.001, max_s=0.01, jitter_s=0.001)
 
 
 @pytest.fixture(autouse=True)
@@ -272,7 +273,7 @@ def test_unset_key_fails_before_any_request(cache, monkeypatch):
     with FakeOpenAIServer() as server:
         dispatcher = Dispatcher([teacher(server)], cache)
         with pytest.raises(MapdError, match=KEY_ENV):
-            dispatcher.check_keys()
+            check_credentials(dispatcher.teachers.values())
         with pytest.raises(MapdError, match=KEY_ENV):
             dispatcher.complete_all(calls_for("t", 2), "x")
         dispatcher.close()

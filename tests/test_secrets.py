@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from functools import partial
 from pathlib import Path
 from secrets import token_hex
 from urllib.parse import quote
@@ -22,22 +21,15 @@ import pytest
 import yaml
 from tests.openai_server import FakeOpenAIServer
 from tests.reliability_kit import COMMITTEE, CountingReply, write_teach_setup
+from tests.reliability_kit import teach_argv as kit_teach_argv
 
 from mapd.cli import main
 from mapd.config import RunConfig, TeacherConfig, public_dump
 from mapd.errors import MapdError
 from mapd.io import read_jsonl
-from mapd.llm import Dispatcher
-from mapd.llm.openai_provider import Backoff
 from mapd.secrets import Redactor, api_key, endpoint, redact_url
 
-FAST = Backoff(initial_s=0.001, max_s=0.01, jitter_s=0.001)
 PASTED_KEY = "AIzaSyD0123456789abcdefghijklmnopqrstuv"  # a key that is also a valid variable name
-
-
-@pytest.fixture
-def fast_retries(monkeypatch) -> None:
-    monkeypatch.setattr("mapd.stages.teach.Dispatcher", partial(Dispatcher, backoff=FAST))
 
 
 @pytest.fixture
@@ -69,7 +61,8 @@ def committee_config(tmp_path: Path, base_url: str, creds: dict[str, str], n: in
 
 
 def teach_argv(config: Path, mistakes: Path, out: Path) -> list[str]:
-    return ["-v", "teach", "--config", str(config), "--mistakes", str(mistakes), "--out", str(out)]
+    """`mapd -v teach`: the debug log is on, so it is checked for credentials too."""
+    return ["-v", *kit_teach_argv(config, mistakes, out)]
 
 
 def leaks(texts: dict[str, str], creds: dict[str, str]) -> dict[str, list[str]]:

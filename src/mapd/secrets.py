@@ -48,18 +48,6 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def split_credentials(url: str | None) -> tuple[str | None, dict[str, str] | None]:
-    """``(url without user:pass@, {"Authorization": "Basic ..."} or None)``: credentials written in a
-    base_url travel in a header (as HTTP clients send them), never in a URL that a library may log."""
-    parts = urlsplit(url or "")
-    if "@" not in parts.netloc:
-        return url, None
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    user, _, password = userinfo.partition(":")
-    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
-    return urlunsplit(parts._replace(netloc=host)), {"Authorization": f"Basic {token}"}
-
-
 # characters that URL encoders (urllib, httpx, aiohttp, servers echoing a request) leave as they are
 _SAFE_SETS = ("", "/", "/:@", "/:@!$'()*,;=~", "!$&'()*+,;=:@/?~")
 
@@ -92,11 +80,6 @@ class Redactor:
 
     def __bool__(self) -> bool:
         return self._pattern is not None
-
-
-def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove the given secret values and anything that looks like an API key from ``text``."""
-    return Redactor(secrets, key_like=True)(text)
 
 
 def _check_name(env_var: str, teacher: str, what: str) -> None:
@@ -146,13 +129,15 @@ def endpoint(teacher: TeacherConfig, key: str | None = None) -> Endpoint:
     """The teacher's URL, headers and query; ``key`` (its API key, when it has one) joins the secrets.
     MapdError, naming the variable, when a ``headers_env`` / ``query_env`` variable is unset."""
     secrets: list[str] = [key] if key and teacher.api_key_env else []
-    base_url, headers = split_credentials(teacher.base_url)
-    headers = dict(headers or {})
-    if headers:
-        userinfo = urlsplit(teacher.base_url).netloc.rsplit("@", 1)[0]
+    base_url, headers = teacher.base_url, {}
+    parts = urlsplit(base_url or "")
+    if "@" in parts.netloc:  # user:password@ travels in a Basic header, never in a URL that a library may log
+        userinfo, host = parts.netloc.rsplit("@", 1)
         user, colon, password = userinfo.partition(":")
-        secrets += [userinfo, unquote(userinfo), unquote(password) if colon else unquote(user),
-                    headers["Authorization"].removeprefix("Basic ")]
+        token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+        base_url = urlunsplit(parts._replace(netloc=host))
+        secrets += [userinfo, unquote(userinfo), unquote(password) if colon else unquote(user), token]
     query: dict[str, str] = {}
     if base_url:
         parts = urlsplit(base_url)

@@ -16,6 +16,7 @@ teacher with the provider's message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ import openai
 
 from mapd.llm.base import Call, CallResult
 from mapd.llm.cache import CallCache
-from mapd.llm.openai_provider import OpenAIProvider, TeacherStopped, UnusableReply, request_body
+from mapd.llm.openai_provider import OpenAIProvider, TeacherStopped, UnusableReply, request_body, transient_status
 
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "expired", "cancelled", "failed", "lost")  # "lost": the endpoint no longer knows it
@@ -50,14 +51,15 @@ class BatchProvider:
     worked on, else a mark that changes whenever a call is asked for. ``reclaim(call, key)`` claims a call
     again before it is resubmitted (None once claimed, else its answer), ``reserve(call)`` is the budget a
     request holds while its batch runs, and ``on_status(line)`` shows the batches' progress. ``owner`` names
-    this process in the cache; its uploads are its own for ``lease_s`` (renewed with its claims)."""
+    this process in the cache; its uploads are its own for ``lease_s`` (renewed with its claims). ``slots`` is
+    the dispatcher's limit on the teacher's requests in flight (max_concurrency): a call made live takes one."""
 
     def __init__(self, live: OpenAIProvider, cache: CallCache, *, owner: str, lease_s: float,
                  calm: Callable[[], int | None],
                  reclaim: Callable[[Call, str], Awaitable[CallResult | None]], reserve: Callable[[Call], float],
-                 on_status: Callable[[str], None]) -> None:
+                 on_status: Callable[[str], None], slots: asyncio.Semaphore) -> None:
         self.live, self.teacher, self.cache, self.owner, self.lease_s = live, live.teacher, cache, owner, lease_s
-        self.calm, self.reclaim, self.reserve, self.on_status = calm, reclaim, reserve, on_status
+        self.calm, self.reclaim, self.reserve, self.on_status, self.slots = calm, reclaim, reserve, on_status, slots
         self.submitted = 0  # batches this process created
         self._queue: dict[str, tuple[Call, asyncio.Future]] = {}  # cache key -> its call, waiting to go out
         self._submitting: dict[str, tuple[Call, asyncio.Future]] = {}  # taken from the queue, not yet in a batch
@@ -65,11 +67,11 @@ class BatchProvider:
         self._next_poll: dict[str, float] = {}
         self._states: dict[str, str] = {}  # input file -> status line part
         self._loop_task: asyncio.Task | None = None
-        self._live_limit: asyncio.Semaphore | None = None  # batch_retry_live calls: max_concurrency at once
 
-    async def complete(self, call: Call, key: str, pending: str | None = None) -> CallResult:
+    async def complete(self, call: Call, key: str, pending: str | None = None, *, in_slot: bool = False) -> CallResult:
         """The answer to ``call`` from a batch: the one that holds it already (``pending``, an input file id), or
-        the next one submitted. The caller holds the call's claim when it is not pending."""
+        the next one submitted. The caller holds the call's claim when it is not pending. ``in_slot``: the caller
+        holds one of ``slots`` already; a call made live uses it instead of taking another."""
         started = time.perf_counter()
         input_file_id = pending
         while True:
@@ -86,7 +88,7 @@ class BatchProvider:
                 return answered.of(call.key)
             if self.teacher.batch_retry_live or not self.teacher.batch:  # (a teacher now live: a pending batch gave up)
                 log.info("%s: batch gave it up (%s); made live", call.key, outcome.reason)
-                async with self._live_slots():
+                async with contextlib.nullcontext() if in_slot else self.slots:
                     return await self.live.complete(call)
             input_file_id = None
 
@@ -106,19 +108,18 @@ class BatchProvider:
         if open_batches:
             log.warning("teacher %s: %d batches still running at the provider (%s); a rerun collects them and "
                         "submits nothing twice", self.teacher.name, len(open_batches), "; ".join(sorted(open_batches)))
-        self._queue.clear()
-        self._waiting.clear()
+        self._clear()
         self._next_poll.clear()
         self._states.clear()
+        self._loop_task = None
+
+    def _clear(self) -> None:
+        """Stop tracking every waiting call: queued, being submitted, or in a batch."""
+        self._queue.clear()
         self._submitting.clear()
-        self._loop_task = self._live_limit = None
+        self._waiting.clear()
 
     # -- waiting ----------------------------------------------------------------------------------
-
-    def _live_slots(self) -> asyncio.Semaphore:
-        if self._live_limit is None:
-            self._live_limit = asyncio.Semaphore(self.teacher.max_concurrency)
-        return self._live_limit
 
     def _wait(self, call: Call, key: str, input_file_id: str | None) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
@@ -141,9 +142,7 @@ class BatchProvider:
             for _, future in waiting:
                 if not future.done():
                     future.set_exception(exc)
-            self._queue.clear()
-            self._submitting.clear()
-            self._waiting.clear()
+            self._clear()
             raise
 
     async def _submit_and_poll(self) -> None:
@@ -246,7 +245,7 @@ class BatchProvider:
             self._deliver(input_file_id, lambda key, call: CallResult(call.key, None, error))
             return
         self.submitted += created
-        self._note(input_file_id, batch)
+        self._note(input_file_id, batch, record_id=True)
         log.info("teacher %s: batch %s %s (%d requests)", self.teacher.name, batch.id,
                  "submitted" if created else "found at the provider", len(self._waiting.get(input_file_id, ())))
 
@@ -279,7 +278,8 @@ class BatchProvider:
             return self._deliver(input_file_id, lambda key, call: Unanswered(input_file_id, f"batch {row['batch_id']} "
                                                                              "not found at the endpoint"))
         except TeacherStopped as exc:
-            return self._deliver(input_file_id, lambda key, call: CallResult(call.key, None, f"TeacherStopped: {exc}"))
+            error = f"TeacherStopped: {exc}"
+            return self._deliver(input_file_id, lambda key, call: CallResult(call.key, None, error))
         except Exception as exc:  # the batch runs on; the next poll asks again
             log.warning("teacher %s: polling batch %s failed: %s", self.teacher.name, row["batch_id"],
                         self.live.describe(exc))
@@ -291,10 +291,11 @@ class BatchProvider:
             await self._collect(input_file_id, batch)
         return None
 
-    def _note(self, input_file_id: str, batch: openai.types.Batch, show: bool = True) -> None:
-        """Record a batch's state as the provider reports it, and show it."""
+    def _note(self, input_file_id: str, batch: openai.types.Batch, show: bool = True, record_id: bool = False) -> None:
+        """Record a batch's state as the provider reports it, and show it. Its id is recorded only by ``_create``
+        (``record_id``), which checked it: a later reply's id never replaces it."""
         counts = _counts(batch)
-        self.cache.update_batch(input_file_id, batch_id=batch.id, status=batch.status, **counts)
+        self.cache.update_batch(input_file_id, batch_id=batch.id if record_id else None, status=batch.status, **counts)
         if not show:
             return
         total = batch.request_counts.total if batch.request_counts and batch.request_counts.total else \
@@ -318,8 +319,9 @@ class BatchProvider:
         self.cache.settle(input_file_id)
         self.live.stop(reason)
         self._deliver(input_file_id, lambda key, call: CallResult(call.key, None, f"BatchFailed: {reason}"))
-        for key, (call, future) in self._queue.items():
-            future.set_result(CallResult(call.key, None, f"TeacherStopped: {reason}"))
+        for call, future in self._queue.values():
+            if not future.done():
+                future.set_result(CallResult(call.key, None, f"TeacherStopped: {reason}"))
         self._queue.clear()
 
     async def _collect(self, input_file_id: str, batch: openai.types.Batch) -> None:
@@ -363,7 +365,7 @@ class BatchProvider:
         status = response.get("status_code")
         reason = self.live.describe_text(f"{f'HTTP {status}: ' if status else ''}"
                                          f"{error.get('code') or error.get('type') or ''} {error.get('message') or ''}")
-        if isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429):
+        if isinstance(status, int) and 400 <= status < 500 and not transient_status(status):
             return CallResult(call.key, None, f"BatchRequestRefused: {reason.strip()}", batch=input_file_id)
         return Unanswered(input_file_id, reason.strip())  # a server error, expiry, cancellation: worth another go
 

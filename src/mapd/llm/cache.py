@@ -149,12 +149,20 @@ def _check_read_only(path: Path) -> None:
             db.close()
     except sqlite3.DatabaseError:
         return
-    if tables and "mapd_meta" not in tables:
-        raise MapdError(f"{path}: an SQLite file that is not a mapd call cache (no mapd_meta table); "
-                        "move it away or set cache_path")
-    if tables and (row is None or row[0] != str(SCHEMA_VERSION)):
-        raise MapdError(f"{path}: call cache schema version {row[0] if row else 'none'}, this mapd reads "
-                        f"version {SCHEMA_VERSION}; move it away or set cache_path")
+    if tables and (error := _schema_error(path, tables, row[0] if row else None)) is not None:
+        raise error
+
+
+def _schema_error(path: Path, tables: set[str], version: str | None) -> MapdError | None:
+    """Why the SQLite file at ``path`` with these ``tables`` (not none) and mapd_meta's ``schema_version``
+    (None: not there) is no call cache this mapd reads; None when it is one."""
+    if "mapd_meta" not in tables:
+        return MapdError(f"{path}: an SQLite file that is not a mapd call cache (no mapd_meta table); "
+                         "move it away or set cache_path")
+    if version != str(SCHEMA_VERSION):
+        return MapdError(f"{path}: call cache schema version {'none' if version is None else version}, this mapd "
+                         f"reads version {SCHEMA_VERSION}; move it away or set cache_path")
+    return None
 
 
 class CallCache:
@@ -208,14 +216,10 @@ class CallCache:
                     self._db.execute(statement)
             self._db.execute("INSERT INTO mapd_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             return
-        if "mapd_meta" not in tables:
-            raise MapdError(f"{self.path}: an SQLite file that is not a mapd call cache (no mapd_meta table); "
-                            "move it away or set cache_path")
-        row = self._db.execute("SELECT value FROM mapd_meta WHERE name='schema_version'").fetchone()
-        if row is None or row[0] != str(SCHEMA_VERSION):
-            found = row[0] if row else "none"
-            raise MapdError(f"{self.path}: call cache schema version {found}, this mapd reads version "
-                            f"{SCHEMA_VERSION}; move it away or set cache_path")
+        row = (self._db.execute("SELECT value FROM mapd_meta WHERE name='schema_version'").fetchone()
+               if "mapd_meta" in tables else None)
+        if (error := _schema_error(self.path, tables, row[0] if row else None)) is not None:
+            raise error
         present = {row[1] for row in self._db.execute("PRAGMA table_info(calls)")}
         for column, kind in _ADDED.items():
             if column not in present:

@@ -22,7 +22,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
 from rich.console import Console
@@ -35,7 +35,7 @@ from mapd.llm.base import Call, CallKey, CallResult
 from mapd.llm.batch import TERMINAL, BatchProvider
 from mapd.llm.cache import CallCache, cache_key
 from mapd.llm.local_provider import LocalProvider
-from mapd.llm.openai_provider import Backoff, OpenAIProvider, approx_tokens
+from mapd.llm.openai_provider import CHARS_PER_TOKEN, Backoff, OpenAIProvider, approx_tokens
 from mapd.records import TeacherStats as TeacherStatsRecord
 from mapd.secrets import api_key, check_credentials
 
@@ -74,16 +74,14 @@ class TeacherStats:
     def summary(self) -> TeacherStatsRecord:
         """This teacher's line of teach_stats.json (docs/formats.md)."""
         ordered = sorted(self.latencies)
-        return TeacherStatsRecord(
-            calls=self.calls, cache_hits=self.cache_hits, failures=self.failures, input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens, cost_usd=round(self.cost_usd, 6), seconds=round(self.seconds, 3),
-            not_made=self.not_made, usage_estimated=self.usage_estimated, stopped=self.stopped,
-            batch_calls=self.batch_calls, batch_input_tokens=self.batch_input_tokens,
-            batch_output_tokens=self.batch_output_tokens, batch_cost_usd=round(self.batch_cost_usd, 6),
-            batches=self.batches,
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latencies"}
+        values.update(
+            cost_usd=round(self.cost_usd, 6), batch_cost_usd=round(self.batch_cost_usd, 6),
+            seconds=round(self.seconds, 3),
             latency_p50_s=round(statistics.median(ordered), 3) if ordered else None,
             latency_p95_s=round(ordered[math.ceil(0.95 * len(ordered)) - 1], 3) if ordered else None,
         )
+        return TeacherStatsRecord(**values)
 
 
 @dataclass
@@ -189,10 +187,6 @@ class Dispatcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def check_keys(self) -> None:
-        """MapdError when an HTTP teacher's key, headers_env or query_env variable is unset."""
-        check_credentials(self.teachers.values())
-
     # -- driving --------------------------------------------------------------------------------
 
     def run(self, work: Awaitable[T], desc: str | None = "calls") -> T:
@@ -201,8 +195,8 @@ class Dispatcher:
         try:
             if not self._finalizer.alive:
                 raise RuntimeError("this Dispatcher is closed")
-            if not self.dry_run:
-                self.check_keys()
+            if not self.dry_run:  # an HTTP teacher's unset key, headers_env or query_env variable: MapdError
+                check_credentials(self.teachers.values())
         except BaseException:
             if inspect.iscoroutine(work):
                 work.close()  # refused before it started: no "coroutine was never awaited" warning
@@ -310,11 +304,14 @@ class Dispatcher:
             self._record(teacher, key, result)
         return result
 
+    def _limited(self, teacher: TeacherConfig) -> bool:
+        """Whether ``_make`` holds a request slot while it makes the teacher's call (a local model's queue and
+        batches need none; a batch's calls made live take one then)."""
+        return teacher.name not in self._local and not teacher.batch
+
     def _slot(self, teacher: TeacherConfig) -> contextlib.AbstractAsyncContextManager:
-        """Where the teacher's calls wait for a free request slot (a local model's queue and batches need none)."""
-        if teacher.name in self._local or teacher.batch:
-            return contextlib.nullcontext()
-        return self._slots[teacher.name]
+        """Where the teacher's calls wait for a free request slot."""
+        return self._slots[teacher.name] if self._limited(teacher) else contextlib.nullcontext()
 
     async def _not_made_or_claimed(self, teacher: TeacherConfig, call: Call, key: str,
                                    counted: bool = True) -> CallResult | None:
@@ -349,8 +346,9 @@ class Dispatcher:
                 return hit
             pending = self.cache.pending_batch(key)
             if pending is not None:  # that process submitted it in a batch: wait for the batch
+                in_slot = counted and self._limited(teacher)  # (``_make`` holds the call's slot: made live, it uses it)
                 with self._idle(counted):
-                    return await self._batch(teacher.name).complete(call, key, pending)
+                    return await self._batch(teacher.name).complete(call, key, pending, in_slot=in_slot)
 
     @contextlib.contextmanager
     def _idle(self, counted: bool) -> Iterator[None]:
@@ -398,7 +396,8 @@ class Dispatcher:
             self._bar.set_postfix_str("; ".join(notes), refresh=False)
 
     def _stand_in(self, teacher: TeacherConfig, call: Call, key: str) -> CallResult:
-        """A dry run's reply: tallied once per distinct call, as long as the longest reply (~4 characters a token)."""
+        """A dry run's reply: tallied once per distinct call, as long as the longest reply (CHARS_PER_TOKEN
+        characters a token)."""
         row = self.estimated.setdefault(teacher.name, Estimate())
         row.calls += 1
         if key not in self._estimated_keys:
@@ -408,7 +407,7 @@ class Dispatcher:
             row.input_tokens += tokens
             row.max_output_tokens += teacher.max_tokens
             row.cost_usd += cost
-        text = f"{call.key}: ".ljust(4 * teacher.max_tokens, ".")
+        text = f"{call.key}: ".ljust(CHARS_PER_TOKEN * teacher.max_tokens, ".")
         return CallResult(call.key, text, dry_run=True, attempts=0)
 
     def _started(self, name: str) -> None:
@@ -428,7 +427,7 @@ class Dispatcher:
                 self._provider(name), self.cache, owner=self.owner, lease_s=CLAIM_LEASE_S,
                 calm=lambda: None if self._working else self._asked,
                 reclaim=lambda call, key: self._not_made_or_claimed(teacher, call, key, counted=False),
-                reserve=lambda call: _worst_case(teacher, call)[1], on_status=status)
+                reserve=lambda call: _worst_case(teacher, call)[1], on_status=status, slots=self._slots[name])
         return self._batches[name]
 
     def _provider(self, name: str) -> OpenAIProvider:

@@ -69,9 +69,12 @@ def request_body(teacher: TeacherConfig, messages: list[dict[str, str]]) -> dict
             teacher.max_tokens_field: teacher.max_tokens, **teacher.extra_body}
 
 
+CHARS_PER_TOKEN = 4  # the rough rule behind every token estimate
+
+
 def approx_tokens(messages: list[dict[str, str]]) -> int:
-    """A rough token count for estimates: characters / 4."""
-    return sum(len(str(message.get("content", ""))) for message in messages) // 4 + 1
+    """A rough token count for estimates: characters / CHARS_PER_TOKEN."""
+    return sum(len(str(message.get("content", ""))) for message in messages) // CHARS_PER_TOKEN + 1
 
 
 def retry_after_s(exc: BaseException | None) -> float | None:
@@ -101,10 +104,15 @@ def stops_teacher(exc: BaseException) -> bool:
     return exc.status_code in STOPS_TEACHER or (exc.status_code in (400, 422) and bool(_UNKNOWN_MODEL.search(str(exc))))
 
 
+def transient_status(code: int) -> bool:
+    """Whether an HTTP status may go away on another attempt: a timeout, a conflict, a rate limit, a server error."""
+    return code in (408, 409, 429) or code >= 500
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether another attempt may succeed."""
     if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+        return transient_status(exc.status_code)
     # APITimeoutError is an APIConnectionError; a truncated or malformed body is a JSONDecodeError
     return isinstance(exc, (openai.APIConnectionError, openai.APIResponseValidationError, json.JSONDecodeError,
                             UnusableReply))
@@ -258,7 +266,7 @@ class OpenAIProvider:
         estimate from the text (~4 characters a token). Missing, null, non-integer, negative or absurd counts
         never abort the call and never make it cheaper than the text it brought."""
         usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
-        estimates = (approx_tokens(messages), len(text) // 4 + 1)
+        estimates = (approx_tokens(messages), len(text) // CHARS_PER_TOKEN + 1)
         counts, estimated = [], False
         for name, estimate in zip(("prompt_tokens", "completion_tokens"), estimates):
             value = usage.get(name)

@@ -101,8 +101,6 @@ def run_teach(folder: RoundLayout, *, task: TaskConfig, teachers: list[TeacherCo
     """Teach ``folder.mistakes``: write feedback.jsonl, rationales.jsonl and teach_stats.json and return
     counts. A dry run prints the estimate and writes nothing. Every input is checked before anything is
     made (no folder, lock or cache); then ``lock`` (``mapd teach``) holds the folder's lock while it works."""
-    if not teachers:
-        raise MapdError("teachers: the committee needs at least one teacher")
     committee = [teacher.name for teacher in teachers]
     check_committee(committee, review)
     answer_kind = get_task(task).answer_kind
@@ -121,7 +119,7 @@ def run_teach(folder: RoundLayout, *, task: TaskConfig, teachers: list[TeacherCo
 
 def _cache_file(folder: RoundLayout, cache_path: str | None) -> Path:
     """The teach call cache: ``cache_path``, else the round folder's own; checked, nothing made."""
-    return check_cache_path(Path(cache_path).expanduser() if cache_path else folder.default_cache)
+    return check_cache_path(Path(cache_path) if cache_path else folder.default_cache)
 
 
 def run_batch_status(folder: RoundLayout, *, teachers: list[TeacherConfig], cache_path: str | None) -> None:
