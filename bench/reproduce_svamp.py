@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from mapd.io import read_jsonl  # noqa: E402
 from mapd.layout import EvalLayout, RoundLayout  # noqa: E402
 from mapd.report import COLORS  # noqa: E402
 from mapd.stages.build import run_build  # noqa: E402
+from mapd.stats import format_p, paired_comparison, wilson_interval  # noqa: E402
 from mapd.train import train_model  # noqa: E402
 
 STUDENT = "embedded:smollm2-135m-instruct"
@@ -57,16 +57,6 @@ LABELS = {
     "single_mistral": "single teacher: mistral",
     "no_feedback": "the method without feedback (alpha = 0)",
 }
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion."""
-    if n == 0:
-        return 0.0, 0.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def prepare_reference(out: Path) -> Path:
@@ -112,16 +102,6 @@ def run_variant(name: str, args: argparse.Namespace, reference: Path, train_conf
     return result
 
 
-def mcnemar(first: dict[str, bool], second: dict[str, bool]) -> tuple[int, int, float]:
-    """Paired comparison on the same questions: ``(only first right, only second right, exact
-    two-sided McNemar p-value)`` (a binomial test on the discordant questions)."""
-    only_first = sum(first[q] and not second[q] for q in first)
-    only_second = sum(second[q] and not first[q] for q in first)
-    n, k = only_first + only_second, min(only_first, only_second)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
-    return only_first, only_second, p
-
-
 def correctness(out: Path, variant: str) -> dict[str, bool]:
     """Question id -> whether the variant's student answered it correctly."""
     return {r["id"]: bool(r["correct"]) for r in read_jsonl(out / variant / "eval" / "predictions.jsonl")}
@@ -138,8 +118,8 @@ def table(results: list[dict], out: Path) -> str:
         minutes = f"{r['train_seconds'] / 60:.1f} min" if r["train_seconds"] else "—"
         paired = "—"
         if method is not None and r["variant"] != "method":
-            only_method, only_this, p = mcnemar(method, correctness(out, r["variant"]))
-            paired = f"{only_method} / {only_this}, p = {p:.2g}"
+            comparison = paired_comparison(method, correctness(out, r["variant"]))  # lost: only the method right
+            paired = f"{comparison.lost} / {comparison.gained}, p = {format_p(comparison.p_value)}"
         lines.append(
             f"| {LABELS[r['variant']]} | {r['accuracy']:.1%} | {r['ci_low']:.1%} – {r['ci_high']:.1%} | "
             f"{r['correct']} / {r['n']} | {r['pairs'] or '—'} | {minutes} | {paired} |"

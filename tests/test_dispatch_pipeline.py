@@ -151,11 +151,12 @@ def test_calls_in_flight_when_a_run_fails_do_not_outlive_it(cache):
 
 def test_teach_pipelined_equals_the_two_step_teach(tmp_path, monkeypatch):
     """The same records as dispatching feedback + rationales, then the reviews (teach before it pipelined),
-    and a local teacher's calls batch (at most max_concurrency, one sample each) and are seeded from their batch."""
+    and a local teacher's calls batch (at most max_concurrency, one sample each) and are each seeded from their key,
+    whichever batch they land in."""
     batches = []
 
     def fake_generate(model, tokenizer, prompts, **kwargs):
-        batches.append((tuple(sorted(p[-1]["content"] for p in prompts)), kwargs["seed"]))
+        batches.append(list(zip((p[-1]["content"] for p in prompts), kwargs["seeds"], strict=True)))
         assert len(prompts) <= 4  # the local teacher's max_concurrency
         # its text depends on the prompt alone: which calls share a batch depends on when the replies come
         return [Generation(f"local: the answer is {len(p[-1]['content']) % 3 + 6}. [4]", 5, 2) for p in prompts]
@@ -207,10 +208,10 @@ def test_teach_pipelined_equals_the_two_step_teach(tmp_path, monkeypatch):
             two_step = (feedback, dispatcher.run(second_step(drafts), "reviews"))
     assert pipelined == two_step
     assert len(pipelined_batches) > 3  # 10 calls in batches of 4, then the reviews
-    seeds = {}  # the same batch (prompts and sample) is seeded the same in both runs; other batches otherwise
-    for prompts_of_batch, seed in pipelined_batches + batches:
-        assert seeds.setdefault(prompts_of_batch, seed) == seed
-    assert len(set(seeds.values())) == len(seeds)
+    seeds = {}  # the same call (its prompt) is seeded the same in both runs, whatever its batch; other calls otherwise
+    for prompt, seed in (call for batch in pipelined_batches + batches for call in batch):
+        assert seeds.setdefault(prompt, seed) == seed
+    assert len(set(seeds.values())) == len(seeds) == sum(map(len, batches))
     drafts = pipelined[1]
     assert any(r.text is None for r in drafts) and any(r.accepted for r in drafts)
     assert all(len(r.reviews) == (0 if r.text is None else 2) for r in drafts)

@@ -277,3 +277,19 @@ def test_smollm2_batched_greedy_equals_one_at_a_time(shared):
     single = generation.generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=1)
     batched = generation.generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=4)
     assert [g.text for g in batched] == [g.text for g in single]
+
+
+def test_sampled_batched_equals_one_at_a_time(tiny):
+    """Sampling is seeded per prompt: a prompt samples the same text alone or in a batch, in any batch order."""
+    model, tokenizer = tiny
+    prompts = [answer_messages(PromptConfig(), row["question"] + " Think." * i, "number") for i, row in
+               enumerate(SVAMP_ROWS * 2)]
+    seeds = [generation.key_seed("test", i) for i in range(len(prompts))]
+    options = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.9}
+    single = generation.generate(model, tokenizer, prompts, batch_size=1, seeds=seeds, **options)
+    batched = generation.generate(model, tokenizer, prompts, batch_size=4, seeds=seeds, **options)
+    reversed_ = generation.generate(model, tokenizer, prompts[::-1], batch_size=3, seeds=seeds[::-1], **options)
+    assert [g.text for g in batched] == [g.text for g in single] == [g.text for g in reversed_][::-1]
+    other = generation.generate(model, tokenizer, prompts, batch_size=4, seeds=[s + 1 for s in seeds], **options)
+    greedy = generation.generate(model, tokenizer, prompts, batch_size=4, max_new_tokens=12)
+    assert [g.text for g in other] != [g.text for g in single] != [g.text for g in greedy]  # the seed samples

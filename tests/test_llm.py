@@ -14,7 +14,7 @@ from tests.reliability_kit import FAST
 
 from mapd.config import TeacherConfig
 from mapd.errors import MapdError
-from mapd.generation import Generation
+from mapd.generation import Generation, key_seed
 from mapd.llm import Call, CallCache, CallKey, CallResult, Dispatcher
 from mapd.llm.cache import cache_key
 from mapd.llm.dispatch import BUDGET_ERROR
@@ -75,7 +75,8 @@ def test_cache_hit_miss_failure_and_reopen(tmp_path):
 
 
 def test_cache_key_ignores_endpoint_and_key_but_not_sampling():
-    base = TeacherConfig(name="a", model="m", base_url="https://user:pw@host/v1", api_key_env="X")
+    # greedy: a sampling teacher's name is part of its key (tests/test_trust_names.py)
+    base = TeacherConfig(name="a", model="m", base_url="https://user:pw@host/v1", api_key_env="X", temperature=0)
     call = Call(CallKey("feedback", "1", "a"), [{"role": "user", "content": "q"}])
     assert cache_key(base, call) == cache_key(base.model_copy(update={"base_url": "http://other/v1", "name": "b",
                                                                       "api_key_env": "Y"}), call)
@@ -310,13 +311,13 @@ def test_summary_has_the_teach_stats_fields(cache):
 
 
 def test_local_teacher_batches_seeds_and_caches(cache, tmp_path, monkeypatch):
-    """The local path with a stand-in model: batches of max_concurrency with one sample index each, seeded
-    from the batch (the same calls give the same batches and seeds), and cached."""
+    """The local path with a stand-in model: batches of max_concurrency with one sample index each, every call
+    seeded from its own key (the same call samples with the same seed whatever batch it lands in), and cached."""
     batches = []
 
     def fake_generate(model, tokenizer, prompts, **kwargs):
-        batches.append(([p[-1]["content"] for p in prompts], kwargs["seed"], kwargs["max_new_tokens"]))
-        return [Generation(f"local {p[-1]['content']} s{kwargs['seed']}", 5, 2) for p in prompts]
+        batches.append(([p[-1]["content"] for p in prompts], kwargs["seeds"], kwargs["max_new_tokens"]))
+        return [Generation(f"local {p[-1]['content']} s{seed}", 5, 2) for p, seed in zip(prompts, kwargs["seeds"])]
 
     monkeypatch.setattr("mapd.llm.local_provider.load_model", lambda name, gguf, **placement: ("model", "tokenizer"))
     monkeypatch.setattr("mapd.llm.local_provider.generate", fake_generate)
@@ -329,14 +330,18 @@ def test_local_teacher_batches_seeds_and_caches(cache, tmp_path, monkeypatch):
     assert sorted((len(b[0]), b[2]) for b in batches) == [(2, 16), (2, 16), (4, 16)]
     assert sorted(q for b in batches[:2] for q in b[0]) == questions  # sample 0: 4 + 2
     assert sorted(batches[2][0]) == questions[:2]  # sample 1 apart, although its prompts are those of sample 0
-    assert len({seed for _, seed, _ in batches}) == 3  # every batch its own seed
-    assert results[0].text.startswith("local question 0") and results[6].text.endswith(f"s{batches[2][1]}")
-    assert all(r.text.startswith(f"local {call.messages[-1]['content']} ") for r, call in zip(results, calls))
+    seeds = [key_seed(c.key.stage, c.key.id, c.key.teacher, c.key.reviewer, c.key.sample) for c in calls]
+    assert len(set(seeds)) == len(calls)  # every call its own seed, the same prompt's samples included
+    assert [r.text for r in results] == [f"local {c.messages[-1]['content']} s{seed}" for c, seed in zip(calls, seeds)]
     first = batches[:]
     batches.clear()
     with CallCache(tmp_path / "fresh.sqlite") as fresh, Dispatcher([local], fresh) as dispatcher:  # reproducible
         anew = dispatcher.complete_all(calls, "local")
     assert batches == first and {k: r.text for k, r in anew.items()} == {k: r.text for k, r in by_key.items()}
+    one_by_one = local.model_copy(update={"max_concurrency": 1})
+    with CallCache(tmp_path / "single.sqlite") as single, Dispatcher([one_by_one], single) as dispatcher:
+        alone = dispatcher.complete_all(calls, "local")  # other batches, the same seeds and texts
+    assert {k: r.text for k, r in alone.items()} == {k: r.text for k, r in by_key.items()}
     batches.clear()
     with Dispatcher([local], cache) as dispatcher:
         again = dispatcher.complete_all(calls, "local")

@@ -33,9 +33,12 @@ epoch fraction per step), since a silent single process would otherwise also tra
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +110,95 @@ def test_two_processes_train_as_one_with_accumulation(tiny_model_dir, tmp_path, 
     start = weights(tiny_model_dir)
     assert max((start[k] - expected[k]).abs().max().item() for k in expected) > 1e-2
     assert (two / "tokenizer_config.json").exists()  # the model folder is complete, as one process leaves it
+
+
+def _launched(out: Path) -> list:
+    """The processes still running whose command line names the run folder ``out`` (a launcher, its workers)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(out) in part for part in process.info["cmdline"] or []) and process.status() != "zombie":
+                found.append(process)
+    return found
+
+
+@pytest.mark.slow
+def test_mapd_run_trains_under_a_launcher_and_resumes_after_sigkill(tiny_model_dir, tmp_path):
+    """`mapd run` with train.launch: every stage done, the train stage on 2 processes (manifest and report);
+    killed (SIGKILL) mid-training, no launcher or worker is left, and the rerun resumes from a checkpoint."""
+    from tests.openai_server import FakeOpenAIServer
+    from tests.reliability_kit import CountingReply, mapd_argv, run_killed, write_pipeline_setup
+
+    server = FakeOpenAIServer(reply=CountingReply()).start()
+    try:
+        config_path, config = write_pipeline_setup(tmp_path, server.base_url, tiny_model_dir)
+        steps = 60  # enough that the kill lands mid-training
+        config["train"].update(launch="accelerate launch --multi_gpu --num_processes 2", max_steps=steps,
+                               save_steps=1, save_total_limit=2)
+        config_path.write_text(yaml.safe_dump(config))
+        out = tmp_path / "run"
+        model = out / "round-0" / "model"
+        env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true",
+                            "TOKENIZERS_PARALLELISM": "false"}
+        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)
+
+        def checkpointed() -> bool:
+            return any((c / "trainer_state.json").is_file() for c in model.glob("checkpoint-*"))
+
+        assert run_killed(["run", str(config_path), "--out", str(out)], checkpointed, env=env,
+                          log=tmp_path / "killed.log"), "the run ended before it could be killed"
+        deadline = time.monotonic() + 60  # the watchdog stops the launcher and both workers
+        while _launched(out) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _launched(out), "a training process outlived the killed mapd"
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["rounds"][0]["stages"]["train"]["status"] == "running"
+
+        done = subprocess.run(mapd_argv("run", str(config_path), "--out", str(out)), env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "resumed from checkpoint-" in done.stdout  # the launched child's output, streamed through
+        manifest = json.loads((out / "manifest.json").read_text())
+        stages = manifest["rounds"][0]["stages"]
+        assert list(stages) == ["eval_before", "mine", "teach", "build", "train", "eval_after"]
+        assert all(stage["status"] == "done" for stage in stages.values())
+        assert stages["train"]["summary"]["world_size"] == 2
+        assert stages["train"]["summary"]["steps"] == steps
+        assert [r["step"] for r in read_jsonl(model / "train_log.jsonl")] == list(range(1, steps + 1))
+        assert "resumed from checkpoint-" in (model / "launch.log").read_text()
+        assert "on 2 processes" in (out / "report.html").read_text()
+        assert not _launched(out)
+    finally:
+        server.close()
+
+
+def test_a_failed_launch_is_one_line_with_the_log_tail(tmp_path):
+    """A launcher that fails: CommandFailed (exit code 1), one line naming the command and quoting its log."""
+    from mapd.config import TrainConfig
+    from mapd.serve import CommandFailed
+    from mapd.train import launch_train
+
+    launcher = f"{sys.executable} -c \"import sys; print('launcher broke', sys.argv[1:4]); sys.exit(3)\""
+    with pytest.raises(CommandFailed) as failed:
+        launch_train(TrainConfig(launch=launcher, seed=5), "some-model", tmp_path / "train.jsonl", tmp_path / "model")
+    message = str(failed.value)
+    assert failed.value.exit_code == 1 and "\n" not in message
+    assert message.startswith("train.launch: `") and "exited with code 3" in message
+    assert f"last lines of {tmp_path / 'model' / 'launch.log'}: launcher broke ['-m', 'mapd.cli', 'train']" in message
+    settings = yaml.safe_load((tmp_path / "model" / "launch.yaml").read_text())["train"]  # what the child trains with
+    assert settings["seed"] == 5 and "launch" not in settings
+
+
+def test_a_launcher_that_cannot_be_found_is_refused_before_any_stage(tiny_model_dir, tmp_path, capsys):
+    from mapd.cli import main
+    from tests.reliability_kit import dead_url, write_pipeline_setup
+
+    config_path, config = write_pipeline_setup(tmp_path, dead_url(), tiny_model_dir)
+    config["train"]["launch"] = "no-such-launcher-xyz --num_processes 2"
+    config_path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(config_path), "--out", str(tmp_path / "run")]) == 2
+    assert f"{config_path}: train.launch: no-such-launcher-xyz: no such command" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

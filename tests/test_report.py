@@ -9,8 +9,8 @@ import pytest
 from mapd.errors import MapdError
 from mapd.import_reference import import_reference
 from mapd.io import write_json, write_jsonl
-from mapd.layout import RoundLayout
-from mapd.report import answer_kind, write_report
+from mapd.layout import EvalLayout, RoundLayout
+from mapd.report import answer_kind, eval_summary, write_report
 
 TEACHERS = ["alpha", "beta", "gamma"]
 
@@ -265,3 +265,74 @@ def test_svamp_reference(shared: Path, tmp_path: Path):
     n_accepted = sum(accepted.values())
     assert f"{total:,}" in page and f"{n_accepted} ({100 * n_accepted / total:.1f}%)" in page
     assert "answer kind: number" in markdown
+
+
+def _write_eval(folder: Path, right: set[int], wrong_answer: str | None, n: int = 40) -> None:
+    """An evaluation of questions q0..q{n-1} (gold 7): right on ``right``, else ``wrong_answer`` (None: cut off)."""
+    predictions = [{"id": f"q{i}", "question": f"What is 3 + 4 (question {i})?", "output": "...",
+                    "answer": "7" if i in right else wrong_answer,
+                    "status": "ok" if i in right or wrong_answer else "truncated", "strict": True, "gold": "7",
+                    "correct": i in right} for i in range(n)]
+    write_jsonl(folder / "predictions.jsonl", predictions)
+    write_json(folder / "metrics.json", {"task": "chain_sum", "split": "test", "model": "m", "n": n,
+                                         "accuracy": len(right) / n, "strict_accuracy": len(right) / n,
+                                         "unparsed_rate": 0.0, "seconds": 1.0})
+
+
+def test_paired_comparison(tmp_path: Path):
+    """40 paired questions: 25 gained, 5 lost (exact McNemar p = 0.000325), 10 right both times; the report shows
+    the Wilson intervals, the test and its sentence, and the first 20 changed questions in both files."""
+    make_manifest(tmp_path, 1)
+    _write_eval(tmp_path / "round-0" / "eval_before", set(range(5)) | set(range(30, 40)), "3")
+    _write_eval(tmp_path / "round-0" / "eval_after", set(range(5, 40)), None)
+    page = write_report(tmp_path).read_text()
+    markdown = (tmp_path / "report.md").read_text()
+    section = markdown[markdown.index("## Before and after training"):]
+    assert _md_row(markdown, "round-0", after="## Accuracy")[2:5] == ["40", "37.5%", "24.2% – 53.0%"]
+    assert _md_row(markdown, "round-0", after="## Before and after") == [
+        "round-0", "40", "15 (37.5%)", "35 (87.5%)", "25", "5", "0.000325"]
+    sentence = ("round-0: After training the student is better, and the difference is significant at the 5 % level "
+                "(25 gained, 5 lost of 40 paired questions; exact McNemar test, p = 0.000325).")
+    assert sentence in section
+    assert "questions whose verdict changed (10 more not shown" in section
+    changed = [line for line in section.splitlines() if re.match(r"\| q\d+ \|", line)]
+    assert len(changed) == 20  # capped: 15 gained, then the 5 lost
+    assert changed[0] == "| q5 | What is 3 + 4 (question 5)? | 3 | 7 | 7 | gained |"
+    assert changed[-1] == "| q4 | What is 3 + 4 (question 4)? | 7 | none (truncated) | 7 | lost |"
+    assert sum(line.endswith("| lost |") for line in changed) == 5
+    for text in (sentence, "exact McNemar p", "24.2% – 53.0%", "73.9% – 94.5%", "<td>q4</td>", "none (truncated)"):
+        assert text in page, text
+
+
+@pytest.mark.parametrize(("after", "expected"), [
+    (set(range(5)), "no discordant pairs"),  # the same verdicts
+    (set(range(1, 6)), "not significant at the 5 % level"),  # 1 gained, 1 lost
+])
+def test_paired_comparison_without_a_difference(tmp_path: Path, after: set[int], expected: str):
+    _write_eval(tmp_path / "eval_before", set(range(5)), "3")
+    _write_eval(tmp_path / "eval_after", after, "3")
+    markdown = (write_report(tmp_path), (tmp_path / "report.md").read_text())[1]
+    assert expected in markdown and "exact McNemar test, p = 1)" in markdown
+
+
+def test_paired_comparison_needs_both_evaluations(full_run: Path):
+    """Few questions: no conclusion; round 1 has no discordant pair; no base evaluation: no comparison."""
+    markdown = (write_report(full_run), (full_run / "report.md").read_text())[1]
+    assert "round-0: With only 5 paired questions (fewer than 30) no conclusion is possible" in markdown
+    assert "round-1: None of the 5 paired questions changed its verdict" in markdown
+    for file in (full_run / "round-0" / "eval_before").iterdir():
+        file.unlink()
+    markdown = (write_report(full_run), (full_run / "report.md").read_text())[1]
+    assert "No paired comparison yet: it needs the base student's predictions (round 0, " \
+           "eval_before/predictions.jsonl)" in markdown
+
+
+def test_eval_summary(tmp_path: Path):
+    """The numbers the runner adds to the eval_after stage summary."""
+    _write_eval(tmp_path / "eval_before", set(range(5)) | set(range(30, 40)), "3")
+    _write_eval(tmp_path / "eval_after", set(range(5, 40)), None)
+    summary = eval_summary(EvalLayout(tmp_path / "eval_before"), EvalLayout(tmp_path / "eval_after"))
+    assert summary == {"accuracy_ci95": [0.7389, 0.9454], "paired_n": 40, "before_correct": 15, "after_correct": 35,
+                       "gained": 25, "lost": 5, "mcnemar_p": pytest.approx(0.000325, abs=5e-7)}
+    assert eval_summary(EvalLayout(tmp_path / "absent"), EvalLayout(tmp_path / "eval_after")) == {
+        "accuracy_ci95": [0.7389, 0.9454]}

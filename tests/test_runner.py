@@ -7,6 +7,7 @@ import yaml
 
 from mapd.cli import main
 from mapd.io import read_jsonl, write_jsonl
+from mapd.stats import format_p, mcnemar_exact, wilson_interval
 from tests.reliability_kit import CountingReply, write_pipeline_setup
 from tests.openai_server import FakeOpenAIServer
 
@@ -55,7 +56,7 @@ def test_resume_after_a_crash_reruns_only_unfinished_stages(run_config, tmp_path
     assert main(["run", str(config_path), "--out", str(out)]) == 130
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rounds"][0]["stages"]["teach"]["status"] == "done"
-    assert manifest["rounds"][0]["stages"]["build"]["status"] == "running"
+    assert manifest["rounds"][0]["stages"]["build"]["status"] == "interrupted"  # never left "running" (issue 21)
     calls = server.requests
     monkeypatch.undo()
     assert main(["run", str(config_path), "--out", str(out)]) == 0
@@ -97,6 +98,37 @@ def test_two_rounds(run_config, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["rounds"]) == 2
     assert (out / "round-1" / "model" / "config.json").exists()
+
+
+def test_eval_after_summary_holds_the_paired_comparison(run_config, tmp_path):
+    """Each round's eval_after summary in manifest.json: the accuracy's 95 % Wilson interval and the comparison
+    with the base student (round 0's eval_before) by question id; report.md names the test and the p-value."""
+    config_path, _ = run_config
+    config = yaml.safe_load(config_path.read_text())
+    config["rounds"] = 2
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    assert main(["run", str(config_path), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    before = {p["id"]: p["correct"] for p in read_jsonl(out / "round-0" / "eval_before" / "predictions.jsonl")}
+    markdown = (out / "report.md").read_text()
+    assert "exact McNemar" in markdown
+    for index in (0, 1):
+        summary = manifest["rounds"][index]["stages"]["eval_after"]["summary"]
+        after = {p["id"]: p["correct"] for p in read_jsonl(out / f"round-{index}" / "eval_after" / "predictions.jsonl")}
+        gained = sum(after[i] and not before[i] for i in after)
+        lost = sum(before[i] and not after[i] for i in after)
+        assert summary["n"] == summary["paired_n"] == len(after) == 4  # the metrics stay beside the new keys
+        assert (summary["gained"], summary["lost"]) == (gained, lost)
+        assert (summary["before_correct"], summary["after_correct"]) == (sum(before.values()), sum(after.values()))
+        assert summary["mcnemar_p"] == mcnemar_exact(gained, lost)
+        low, high = wilson_interval(sum(after.values()), 4)
+        assert summary["accuracy_ci95"] == [round(low, 4), round(high, 4)]
+        assert f"| round-{index} | 4 |" in markdown and f"| {format_p(summary['mcnemar_p'])} |" in markdown
+
+    assert main(["run", str(config_path), "--out", str(out)]) == 0  # every stage skipped: the summary stays
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["rounds"][1]["stages"]["eval_after"]["summary"] == summary
 
 
 # -- users' own files through the stage commands --------------------------------------------------

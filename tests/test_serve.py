@@ -327,3 +327,66 @@ def test_transformers_serve_answers_greedy_like_in_process_generation(smollm_ser
         else:
             assert choice.finish_reason == want.finish_reason
     assert (expected[-1].output_tokens, expected[-1].finish_reason) == (31, "stop")  # the edge case was met
+
+
+def _served_committee(tmp_path: Path, **fields) -> tuple[list[str], Path]:
+    """`mapd teach` arguments for two mistakes and a committee of two teachers on the fake engine (started by
+    mapd, bound to {host}), and the output folder."""
+    import yaml
+
+    from tests.reliability_kit import make_mistakes, teach_argv
+
+    from mapd.io import write_jsonl
+
+    command = f"{ENGINE} --host {{host}} --served-model-name {{name}}"
+    teachers = [{"name": name, "model": str(tmp_path / name), "serve": command, **fields} for name in ("a", "b")]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()  # the model folders the engine would load
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"task": {"name": "svamp"}, "teachers": teachers}))
+    write_jsonl(tmp_path / "mistakes.jsonl", make_mistakes(2))
+    out = tmp_path / "out"
+    return teach_argv(tmp_path / "config.yaml", tmp_path / "mistakes.jsonl", out), out
+
+
+def test_a_served_teacher_starts_only_for_calls_not_cached(tmp_path):
+    """`mapd teach` with served teachers: each server starts (on loopback) for the calls it answers and stops;
+    a rerun whose calls are all cached starts none."""
+    from tests.reliability_kit import teach_records
+
+    from mapd.cli import main
+
+    argv, out = _served_committee(tmp_path)
+    assert main(argv) == 0
+    feedback, rationales = teach_records(out)
+    assert len(feedback) == len(rationales) == 4 and all(r["text"] for r in feedback + rationales)
+    assert feedback[0]["text"].startswith(("a read:", "b read:"))  # the request named the served model {name}
+    logs = {name: (out / f"server-{name}.log").read_text() for name in ("a", "b")}
+    assert all(text.count("starting server") == 1 and "listening on http://127.0.0.1:" in text
+               for text in logs.values())
+    assert main(argv) == 0  # every call cached: no server is started
+    assert {name: (out / f"server-{name}.log").read_text() for name in ("a", "b")} == logs
+    assert teach_records(out) == (feedback, rationales)
+
+
+def test_a_served_teacher_has_its_own_ready_timeout(tmp_path, capsys):
+    from mapd.cli import main
+
+    argv, out = _served_committee(tmp_path, ready_timeout_s=1.5)
+    argv[argv.index("--config") + 1] = str(tmp_path / "slow.yaml")
+    (tmp_path / "slow.yaml").write_text((tmp_path / "config.yaml").read_text().replace(
+        "--served-model-name {name}", "--served-model-name {name} --start-delay 60"))
+    assert main(argv) == 2
+    assert "not ready after 1.5 s" in capsys.readouterr().err
+    # the teacher's other calls, waiting for that start, fail with it: no second start
+    assert all((out / f"server-{name}.log").read_text().count("starting server") <= 1 for name in ("a", "b"))
+
+
+def test_commands_are_found_beside_mapds_interpreter(tmp_path, monkeypatch, capsys):
+    """`mapd`, `accelerate`, `transformers` installed beside mapd's Python run with that environment not on PATH."""
+    beside = Path(sys.executable).parent
+    assert (beside / "mapd").exists()
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    serve.run_watched("mapd --help", tmp_path / "help.log", what="a command")
+    assert "usage: mapd" in (tmp_path / "help.log").read_text() and "usage: mapd" in capsys.readouterr().out
+    with pytest.raises(serve.CommandFailed, match=r"a command: `no-such-command-xyz` exited with code 127"):
+        serve.run_watched("no-such-command-xyz", tmp_path / "missing.log", what="a command")

@@ -131,3 +131,14 @@ def test_a_served_eval_whose_answers_are_cached_starts_no_server(tmp_path):
     started = (tmp_path / "out" / "server.log").read_text().count("listening")
     assert main(argv) == 0  # every answer cached: the server is not started again
     assert started == 1 and (tmp_path / "out" / "server.log").read_text().count("listening") == 1
+
+
+def test_a_wrong_served_model_name_names_the_student_not_a_teacher(tmp_path, capsys):
+    write_data(tmp_path / "data")
+    with FakeOpenAIServer(answer_seven, fault_rate=1.0, faults=("model_not_found",)) as server:
+        code = main(["eval", "--model", "no-such-name", "--task", "svamp", "--data", str(tmp_path / "data"), "--out",
+                     str(tmp_path / "out"), "--base-url", server.base_url])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "the student's server stopped" in err and "`no-such-name` does not exist" in err
+    assert "teacher" not in err.lower()

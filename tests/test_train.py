@@ -221,10 +221,13 @@ def test_training_loss_falls_and_saves_a_loadable_model(tiny_model, train_file, 
 
 def test_training_resumes_from_the_last_checkpoint(tiny_model, train_file, tmp_path, capsys):
     out = tmp_path / "model"
-    assert train_model(fast_config(max_steps=2, save_steps=2), str(tiny_model), train_file, out)["steps"] == 2
+    kept = "in_place"  # a finished training's checkpoints stay where a rerun with more steps continues
+    assert train_model(fast_config(max_steps=2, save_steps=2, keep_checkpoints=kept), str(tiny_model), train_file,
+                       out)["steps"] == 2
     assert (out / "checkpoint-2").is_dir()
     capsys.readouterr()
-    result = train_model(fast_config(max_steps=4, save_steps=2), str(tiny_model), train_file, out)
+    result = train_model(fast_config(max_steps=4, save_steps=2, keep_checkpoints=kept), str(tiny_model), train_file,
+                         out)
     assert result["steps"] == 4
     assert "resumed from checkpoint-2" in capsys.readouterr().out
     assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2, 3, 4]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import NoReturn
 
@@ -62,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     except ValidationError as exc:
         raise MapdError(f"eval: {exc.errors()[0]['msg']}") from None
     evaluate_model(out, student=student, task=_task_config(args), split=args.split, limit=args.limit,
-                   prompts=PromptConfig())
+                   prompts=PromptConfig(), lock=True)
 
 
 # The stage commands below check their folder first (a file there, or another command writing it, is
@@ -85,9 +86,11 @@ def cmd_teach(args: argparse.Namespace) -> None:
 
     if not (args.dry_run or args.batch_status):  # these write nothing, not even the folder
         check_folder(args.out)
+    if not (args.mistakes or args.batch_status):
+        raise MapdError("teach: --mistakes is required (only --batch-status needs none)")
     config = _config(args.config)
     _check_committee(config, args.config)
-    folder = RoundLayout(Path(args.out), mistakes_file=Path(args.mistakes))
+    folder = RoundLayout(Path(args.out), mistakes_file=args.mistakes and Path(args.mistakes))
     if args.batch_status:
         return _stage(run_batch_status, folder, config)
     _stage(run_teach, folder, config, dry_run=args.dry_run, lock=True)
@@ -137,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from mapd.report import write_report
 
-    print(write_report(Path(args.run)))
+    log.say(str(write_report(Path(args.run))))
 
 
 def cmd_import_reference(args: argparse.Namespace) -> None:
@@ -156,9 +159,28 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from mapd.config import default_config_yaml, embedded_default_config
+    from mapd.config import EMBEDDED_DEFAULT, RunConfig, default_config_yaml, load_config
 
-    print(default_config_yaml(embedded_default_config()), end="")
+    # the YAML is the command's product (``mapd config > my.yaml``): printed as is, not logged
+    path = EMBEDDED_DEFAULT if args.demo else args.config
+    config = load_config(path) if path else RunConfig()  # no file: the defaults a config's absent fields get
+    print(default_config_yaml(config), end="")
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from mapd.check import check
+
+    check(args.config, offline=args.offline)
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from mapd.config import write_template
+
+    write_template(args.template, Path.cwd())
+
+
+# the starter configs ``mapd init`` writes (src/mapd/configs/<name>.yaml)
+TEMPLATES = ("paper-committee", "vllm-committee", "offline-default")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,15 +202,28 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _loudness(parser: argparse.ArgumentParser, default: object) -> None:
+    """-q / -v (``verbosity`` -1 or 1; ``default`` when neither is given)."""
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                          help="Print errors only (the folder's mapd.log still gets everything).")
+    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
+                          help="Also print each call: teacher, key, status, attempts, latency, tokens.")
+
+
+class _SubcommandParser(_Parser):
+    """A subcommand's parser: it takes -q / -v too (``mapd mine ... -v``), unset unless given."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _loudness(self, default=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subcommand per stage."""
     parser = _Parser(prog="mapd", description="Mistake-aware peer-review distillation.")
-    loudness = parser.add_mutually_exclusive_group()
-    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
-                          help="Print errors only (the folder's mapd.log still gets everything).")
-    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
-                          help="Print every call's progress too.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    _loudness(parser, default=0)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
 
     p = sub.add_parser("eval", help="Score a model on a task's split; write predictions.jsonl.")
     p.add_argument("--model", required=True, help="Hub id, folder, .gguf file or embedded:<name>.")
@@ -213,11 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("teach", help="Teacher feedback, rationales and peer review for mistakes.jsonl.")
     p.add_argument("--config", required=True)
-    p.add_argument("--mistakes", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--dry-run", action="store_true", help="Estimate calls and tokens, call nothing.")
+    p.add_argument("--mistakes", help="mistakes.jsonl to teach (required, except with --batch-status).")
+    p.add_argument("--out", required=True, help="Folder for the outputs: a round folder, or with --batch-status "
+                                                "also a `mapd run` folder.")
+    p.add_argument("--dry-run", action="store_true", help="Estimate calls and tokens, call nothing, write nothing "
+                                                         "(local teachers are not loaded).")
     p.add_argument("--batch-status", action="store_true",
-                   help="Show the batches this run submitted (state and counts, asked of the provider); teach nothing.")
+                   help="Show the batches this folder's run submitted (state and counts, asked of the provider); "
+                        "teach nothing.")
     p.set_defaults(func=cmd_teach)
 
     p = sub.add_parser("build", help="Make train.jsonl from mistakes, feedback and rationales.")
@@ -257,8 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import_reference)
 
-    p = sub.add_parser("config", help="Print the embedded default config with every field documented.")
+    p = sub.add_parser("config", help="Print every field with its help text: the defaults a config gets for the "
+                                      "fields it leaves out, or a config file's resolved values.")
+    p.add_argument("config", nargs="?", help="A YAML config to show resolved, e.g. a file `mapd init` wrote "
+                                             "(default: none, the bare defaults).")
+    p.add_argument("--demo", action="store_true", help="Show the offline demo's config (what `mapd run` runs "
+                                                       "without a config), not the bare defaults.")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("check", help="Check a config, its keys and endpoints, and bound what teaching may cost; "
+                                     "writes nothing.")
+    p.add_argument("config", nargs="?", help="YAML config (default: the offline embedded demo).")
+    p.add_argument("--offline", action="store_true", help="Do not probe the endpoints (keys are still checked).")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("init", help="Write a starter config into the current folder.")
+    p.add_argument("template", nargs="?", default="paper-committee", choices=TEMPLATES,
+                   help="paper-committee (hosted APIs, the paper's committee), vllm-committee (your own servers), "
+                        "offline-default (the offline demo, no keys).")
+    p.set_defaults(func=cmd_init)
     return parser
 
 
@@ -270,14 +325,40 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     log.setup(args.verbosity)
     try:
-        args.func(args)
-    except MapdError as exc:
-        print(f"mapd: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("mapd: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
-        return 130
+        with _sigterm_as_interrupt() as terminated:
+            args.func(args)
+    except (MapdError, KeyboardInterrupt) as exc:  # the folder's mapd.log has it already (mapd.log.to_file)
+        log.end(exc)
+        return exc.exit_code if isinstance(exc, MapdError) else 143 if terminated else 130
     return 0
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[bool]]:
+    """While the block runs, SIGTERM (``kill``, a scheduler's stop) is handled like Ctrl-C: the same clean stop,
+    logged, the manifest saying ``interrupted``; the flag yielded (a list, true once SIGTERM came) makes the exit
+    code 143 instead of 130 (docs/reliability.md#exit-codes)."""
+    import signal
+    import threading
+
+    terminated: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():  # (signal handlers: the main thread only)
+        yield terminated
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        terminated.append(True)
+        ctrl_c = signal.getsignal(signal.SIGINT)  # asyncio's while a dispatcher runs: it cancels the run cleanly
+        if callable(ctrl_c):
+            ctrl_c(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

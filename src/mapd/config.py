@@ -15,7 +15,8 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StringConstraints,
+                      ValidationError, model_validator)
 from pydantic_core import PydanticCustomError
 
 from mapd.errors import MapdError
@@ -47,6 +48,12 @@ def _http_url(url: str) -> str:
     if not ok:
         raise PydanticCustomError("base_url", "expected an http:// or https:// URL with a host, e.g. "
                                   "https://api.openai.com/v1 (value not shown)")
+    try:
+        port = parts.port
+    except ValueError:  # past 65535 or not a number: every request would fail, and be retried as if transient
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise PydanticCustomError("base_url", "the port must be a number from 1 to 65535 (value not shown)")
     return url
 
 
@@ -58,6 +65,28 @@ BaseUrl = Annotated[str, AfterValidator(_http_url)]
 def _expand_user(path: str | None) -> str | None:
     """``~/x`` -> ``/home/me/x``: a path field means the same to every stage that opens it."""
     return str(Path(path).expanduser()) if path else path
+
+
+# Every config section: unknown fields are refused, and no float field takes .inf or .nan (a learning rate of
+# .inf trains to NaN weights, a price of .inf writes Infinity into JSON artifacts, a wait of .inf never ends).
+SECTION = ConfigDict(extra="forbid", allow_inf_nan=False)
+DAY_S = 86_400.0  # the longest wait, timeout or poll interval a field takes
+
+
+def _identifier(name: str) -> str:
+    """Refuse a teacher name that is not an identifier: it names files in the run folder and rows of reports."""
+    if not re.fullmatch(r"[^\W_][\w-]{0,63}", name):
+        raise PydanticCustomError("name", "a teacher name is 1-64 letters, digits, - and _, starting with a letter or "
+                                  "digit (it names files and report rows), got {name}", {"name": repr(name[:80])})
+    return name
+
+
+def name_key(name: str) -> str:
+    """What makes two teacher names the same: equal after Unicode (NFKC) normalisation, case folding and
+    whitespace removal."""
+    import unicodedata
+
+    return "".join(unicodedata.normalize("NFKC", name).casefold().split())
 
 
 # Marks a field that changes how a run goes, not what it produces: it may change between reruns of one
@@ -91,8 +120,13 @@ class TaskConfig(BaseModel):
     )
     size: int = Field(200, ge=1, description="reasoning_gym tasks: questions generated per split.")
     seed: int = Field(731, description="reasoning_gym tasks: generator seed (the test split uses seed + 1).")
+    options: dict[str, StrictInt | StrictFloat | StrictBool | str] = Field(
+        default_factory=dict,
+        description="reasoning_gym tasks: the generator's settings, e.g. {min_terms: 2, max_terms: 3, max_digits: 1} "
+        "for chain_sum (names and meanings: the reasoning-gym dataset's config class).",
+    )
 
-    model_config = {"extra": "forbid"}
+    model_config = SECTION
 
 
 class TeacherConfig(BaseModel):
@@ -100,7 +134,9 @@ class TeacherConfig(BaseModel):
     (OpenAI, Gemini's or Anthropic's compatibility endpoints, DeepInfra, Together, vLLM,
     llama.cpp server, Ollama); without one, ``model`` is a local model run in-process."""
 
-    name: str = Field(description="Short unique name used in artifacts and reports, e.g. gpt.")
+    name: Annotated[str, AfterValidator(_identifier)] = Field(
+        description="Short unique name used in artifacts, file names and reports, e.g. gpt: letters, digits, - and _ "
+        "(unique regardless of case and Unicode form).")
     model: str = Field(
         description="Model id sent to the endpoint, or for a local teacher a hub id, folder, "
         ".gguf file or embedded:<name> model."
@@ -128,15 +164,24 @@ class TeacherConfig(BaseModel):
     serve: str | None = Field(
         None,
         description="A local teacher on a serving engine that mapd starts and stops: a command template with "
-        "{model}, {port} and {name}, e.g. 'vllm serve {model} --port {port} --served-model-name {name}'.",
+        "{model}, {port}, {name} and {host}, e.g. 'vllm serve {model} --host {host} --port {port} "
+        "--served-model-name {name}'. It starts only when some call is not cached.",
     )
+    host: str = Field(
+        "127.0.0.1", json_schema_extra=OPERATIONAL,
+        description="serve: the address mapd talks to the server at, passed to the template as {host} "
+        "(e.g. --host {host}); loopback by default, so the server is not reachable from other machines.",
+    )
+    ready_timeout_s: float = Field(
+        900, gt=0, le=DAY_S, json_schema_extra=OPERATIONAL,
+        description="serve: seconds to wait for the server to be ready (a large model loads for minutes).")
     provider: Literal["openai", "local"] | None = Field(
         None, description="openai (any OpenAI-compatible endpoint) or local; inferred from base_url and serve."
     )
     gguf_file: str | None = Field(None, description="Local teacher: GGUF file name inside the model folder.")
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature (the paper: 0.8).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling top-p.")
-    max_tokens: int = Field(512, ge=1, description="Maximum new tokens per reply (the paper: 512).")
+    max_tokens: int = Field(512, ge=1, le=10_000_000, description="Maximum new tokens per reply (the paper: 512).")
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
         "max_tokens", json_schema_extra=OPERATIONAL,
         description="Request field that carries max_tokens: OpenAI's reasoning models (o-series, gpt-5) "
@@ -144,11 +189,11 @@ class TeacherConfig(BaseModel):
     )
     max_concurrency: int = Field(8, ge=1, json_schema_extra=OPERATIONAL,
                                  description="Requests in flight at once (local: batch size).")
-    requests_per_minute: float | None = Field(None, gt=0, json_schema_extra=OPERATIONAL,
-                                              description="Optional request rate limit.")
-    tokens_per_minute: float | None = Field(None, gt=0, json_schema_extra=OPERATIONAL,
-                                            description="Optional token rate limit (prompt + max_tokens).")
-    timeout_s: float = Field(120, gt=0, json_schema_extra=OPERATIONAL,
+    requests_per_minute: float | None = Field(None, ge=1, json_schema_extra=OPERATIONAL,
+                                              description="Optional request rate limit (at least 1).")
+    tokens_per_minute: float | None = Field(None, ge=1, json_schema_extra=OPERATIONAL,
+                                            description="Optional token rate limit (prompt + max_tokens; at least 1).")
+    timeout_s: float = Field(120, gt=0, le=DAY_S, json_schema_extra=OPERATIONAL,
                              description="Seconds before one request times out (then it is retried).")
     max_retries: int = Field(6, ge=0, json_schema_extra=OPERATIONAL,
                              description="Retries on 429, 5xx, timeouts and malformed replies.")
@@ -158,12 +203,12 @@ class TeacherConfig(BaseModel):
         "errors, timeouts, 5xx; 429s excepted) spanning at least failing_for_s, e.g. an endpoint that is down.",
     )
     failing_for_s: float = Field(
-        30, ge=0, json_schema_extra=OPERATIONAL,
+        30, ge=0, le=DAY_S, json_schema_extra=OPERATIONAL,
         description="Circuit breaker: the failed attempts in a row must span this many seconds with no reply.",
     )
-    price_input_per_mtok: float = Field(0.0, ge=0, json_schema_extra=OPERATIONAL,
+    price_input_per_mtok: float = Field(0.0, ge=0, le=1_000_000, json_schema_extra=OPERATIONAL,
                                         description="USD per million prompt tokens, for cost reports.")
-    price_output_per_mtok: float = Field(0.0, ge=0, json_schema_extra=OPERATIONAL,
+    price_output_per_mtok: float = Field(0.0, ge=0, le=1_000_000, json_schema_extra=OPERATIONAL,
                                          description="USD per million completion tokens.")
     extra_body: dict = Field(default_factory=dict, description="Extra JSON fields sent with every request.")
     batch: bool = Field(
@@ -174,10 +219,10 @@ class TeacherConfig(BaseModel):
     )
     batch_completion_window: str = Field("24h", json_schema_extra=OPERATIONAL,
                                          description="Batch API completion_window sent with each batch.")
-    batch_poll_s: float = Field(60.0, gt=0, json_schema_extra=OPERATIONAL,
+    batch_poll_s: float = Field(60.0, gt=0, le=DAY_S, json_schema_extra=OPERATIONAL,
                                 description="Seconds between two polls of a teacher's running batches.")
     batch_price_factor: float = Field(
-        0.5, ge=0, json_schema_extra=OPERATIONAL,
+        0.5, ge=0, le=1, json_schema_extra=OPERATIONAL,
         description="Batch calls cost this times the teacher's prices (OpenAI and Gemini: 0.5); used by the "
         "cost report and max_budget_usd.",
     )
@@ -196,7 +241,7 @@ class TeacherConfig(BaseModel):
     batch_max_bytes: int = Field(200_000_000, ge=1024, json_schema_extra=OPERATIONAL,
                                  description="Bytes per batch input file (OpenAI: 200 MB).")
 
-    model_config = {"extra": "forbid"}
+    model_config = SECTION
 
     @model_validator(mode="after")
     def _infer_provider(self) -> "TeacherConfig":
@@ -208,6 +253,21 @@ class TeacherConfig(BaseModel):
             raise ValueError("batch: true needs base_url, an endpoint with the Batch API; local and serve: "
                              "teachers answer live")
         return self
+
+    @property
+    def free(self) -> bool:
+        """Whether the teacher clearly costs nothing: a model run in-process, one mapd serves, or an endpoint on
+        this machine (a loopback address); such a teacher needs no prices under max_budget_usd."""
+        from ipaddress import ip_address
+        from urllib.parse import urlsplit
+
+        if self.provider == "local" or self.serve:
+            return True
+        host = urlsplit(self.base_url or "").hostname or ""
+        try:
+            return host == "localhost" or ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     def cost(self, input_tokens: int, output_tokens: int, *, batch: bool = False) -> float:
         """USD cost of the given token counts at this teacher's prices (``batch``: at its batch prices)."""
@@ -241,7 +301,7 @@ class PromptConfig(BaseModel):
         description="Peer-review prompt; {score_format} asks for the integer score 1-5 in brackets that parse_score reads.",
     )
 
-    model_config = {"extra": "forbid"}
+    model_config = SECTION
 
 
 class ReviewConfig(BaseModel):
@@ -256,17 +316,17 @@ class ReviewConfig(BaseModel):
         False, description="Also require the rationale's own final answer to equal the gold answer (off: faithful to the paper)."
     )
 
-    model_config = {"extra": "forbid"}
+    model_config = SECTION
 
 
 class TrainConfig(BaseModel):
     """Training settings; the defaults are the paper's (docs/method.md#6-joint-training)."""
 
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the feedback loss; 0 trains on rationales only.")
-    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (constant after warm-up).")
+    learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak learning rate (constant after warm-up).")
     lr_scheduler_type: str = Field("constant_with_warmup", description="transformers scheduler name.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    num_train_epochs: float = Field(10, gt=0, description="Epochs over the instruction data.")
+    num_train_epochs: float = Field(10, gt=0, le=10_000, description="Epochs over the instruction data.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
     per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(2, ge=1, description="Steps accumulated per optimizer update.")
@@ -285,6 +345,12 @@ class TrainConfig(BaseModel):
     save_steps: int = Field(50, ge=1, json_schema_extra=OPERATIONAL,
                             description="Checkpoint every N steps (training resumes from the last).")
     save_total_limit: int = Field(2, ge=1, json_schema_extra=OPERATIONAL, description="Checkpoints kept.")
+    keep_checkpoints: Literal["none", "apart", "in_place"] = Field(
+        "none", json_schema_extra=OPERATIONAL,
+        description="The checkpoints (with their optimizer state) once training is done: none deletes them, apart "
+        "moves them to <model folder>-checkpoints/ (the model folder then holds only what one would upload), "
+        "in_place leaves them in the model folder (a rerun with a higher max_steps continues from the last).",
+    )
     group_by_length: bool = Field(
         True, description="Batch pairs of similar length together, so dynamic padding adds few pad tokens."
     )
@@ -296,8 +362,16 @@ class TrainConfig(BaseModel):
         description="Weights while training: float32 keeps full-precision weights (bf16 then runs as "
         "mixed precision); bfloat16 halves their memory (pure bf16, for large students); auto: the checkpoint's.",
     )
+    launch: str | None = Field(
+        None,
+        description="mapd run: train in a child process started by this launcher prefix, e.g. 'accelerate launch "
+        "--multi_gpu --num_processes 8 --config_file configs/accelerate/fsdp.yaml' or 'torchrun --nproc_per_node "
+        "8'; mapd appends '-m mapd.cli train ...' (the launcher must take -m MODULE). Its output is shown and kept "
+        "in the round's model/launch.log. The global batch is per_device_train_batch_size x processes x "
+        "gradient_accumulation_steps. Unset: train in mapd's own process.",
+    )
 
-    model_config = {"extra": "forbid"}
+    model_config = SECTION
 
 
 EMBEDDED_DEFAULT = Path(__file__).parent / "configs" / "default.yaml"
@@ -322,8 +396,14 @@ class StudentConfig(BaseModel):
     serve: str | None = Field(
         None,
         description="Generate with a serving engine that mapd starts and stops: a command template with {model}, "
-        "{port} and {name}, e.g. 'vllm serve {model} --port {port} --served-model-name {name}' or "
-        "'transformers serve {model} --port {port} --continuous-batching'. Unset (and no base_url): in-process.",
+        "{port}, {name} and {host}, e.g. 'vllm serve {model} --host {host} --port {port} --served-model-name "
+        "{name}' or 'transformers serve {model} --host {host} --port {port} --continuous-batching'. Unset (and no "
+        "base_url): in-process.",
+    )
+    host: str = Field(
+        "127.0.0.1", json_schema_extra=OPERATIONAL,
+        description="serve: the address mapd talks to the server at, passed to the template as {host} "
+        "(e.g. --host {host}); loopback by default, so the server is not reachable from other machines.",
     )
     base_url: BaseUrl | None = Field(
         None, json_schema_extra=OPERATIONAL,
@@ -335,13 +415,13 @@ class StudentConfig(BaseModel):
     max_concurrency: int = Field(
         64, ge=1, json_schema_extra=OPERATIONAL, description="Served generation: requests in flight at once.")
     ready_timeout_s: float = Field(
-        900, gt=0, json_schema_extra=OPERATIONAL, description="serve: seconds to wait for the server to be ready.")
+        900, gt=0, le=DAY_S, json_schema_extra=OPERATIONAL, description="serve: seconds to wait for the server to be ready.")
     timeout_s: float = Field(
-        600, gt=0, json_schema_extra=OPERATIONAL,
+        600, gt=0, le=DAY_S, json_schema_extra=OPERATIONAL,
         description="Served: seconds before one request times out (then it is retried). Requests wait in the "
         "server's queue: allow for max_concurrency answers ahead of each.")
 
-    model_config = {"extra": "forbid"}
+    model_config = SECTION
 
     @model_validator(mode="after")
     def _one_engine(self) -> "StudentConfig":
@@ -368,7 +448,7 @@ class BuildConfig(BaseModel):
     )
     seed: int = Field(731, description="Seed of the random choice among teachers.")
 
-    model_config = {"extra": "forbid"}
+    model_config = SECTION
 
 
 class RunConfig(BaseModel):
@@ -394,14 +474,15 @@ class RunConfig(BaseModel):
         "the call cache counts, over all runs and processes that share it (needs prices).",
     )
 
-    model_config = {"extra": "forbid"}
+    model_config = SECTION
 
     @model_validator(mode="after")
     def _unique_teacher_names(self) -> "RunConfig":
-        names = [teacher.name for teacher in self.teachers]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
+        keys = [name_key(teacher.name) for teacher in self.teachers]
+        duplicates = sorted({t.name for t, key in zip(self.teachers, keys) if keys.count(key) > 1})
         if duplicates:
-            raise ValueError(f"teacher names must be unique, repeated: {', '.join(duplicates)}")
+            raise ValueError("teacher names must be unique regardless of case and Unicode form, repeated: "
+                             f"{', '.join(duplicates)}")
         return self
 
     def teacher(self, name: str) -> TeacherConfig:
@@ -453,6 +534,12 @@ def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], in
         get_task(config.task)
     except MapdError as exc:
         raise MapdError(f"{at(('task', 'name'))}: {exc}") from None
+    if config.max_budget_usd is not None:
+        for index, teacher in enumerate(config.teachers):
+            if not (teacher.price_input_per_mtok or teacher.price_output_per_mtok or teacher.free):
+                raise MapdError(f"{at(('teachers', index, 'name'))}: max_budget_usd is set, but teacher "
+                                f"'{teacher.name}' has no prices (price_input_per_mtok, price_output_per_mtok), so its "
+                                "calls would count as free: set its prices, or unset max_budget_usd")
     mode = config.build.mode
     if mode not in BUILD_MODES and not (mode.startswith("single:") and mode.removeprefix("single:").strip()):
         raise MapdError(f"{at(('build', 'mode'))}: build.mode: unknown mode {mode!r} (modes: mixed, "
@@ -515,7 +602,7 @@ def _line_finder(root: yaml.Node | None) -> Callable[[tuple], int | None]:
 
 
 def _check_size(data: Any, path: Path, line_of: Callable[[tuple], int | None]) -> None:
-    """Refuse a config that refers to itself or expands past MAX_CONFIG_VALUES (YAML aliases), a .nan, and
+    """Refuse a config that refers to itself or expands past MAX_CONFIG_VALUES (YAML aliases), a .nan or .inf, and
     text holding a lone surrogate escape (it reads, but no file or request can carry it)."""
     from mapd.io import lone_surrogate
 
@@ -527,6 +614,8 @@ def _check_size(data: Any, path: Path, line_of: Callable[[tuple], int | None]) -
             raise MapdError(f"{path}: the config expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?)")
         if isinstance(item, float) and math.isnan(item):  # .nan compares false with everything: thresholds never pass
             raise MapdError(f"{path}:{line_of(location)}: field '{_field_path(location)}': .nan is not a number")
+        if isinstance(item, float) and math.isinf(item):  # also in free-form fields (extra_body): JSON has no Infinity
+            raise MapdError(f"{path}:{line_of(location)}: field '{_field_path(location)}': {item} is not a finite number")
         if isinstance(item, (dict, list)):
             if id(item) in above:
                 raise MapdError(f"{path}:{line_of(location)}: field '{_field_path(location)}' contains itself "
@@ -582,6 +671,25 @@ def embedded_default_config() -> RunConfig:
     return load_config(EMBEDDED_DEFAULT)
 
 
+def template_file(name: str) -> Path:
+    """The starter config ``mapd init NAME`` copies (shipped in mapd/configs/; offline-default is the demo)."""
+    return EMBEDDED_DEFAULT if name == "offline-default" else EMBEDDED_DEFAULT.with_name(f"{name}.yaml")
+
+
+def write_template(name: str, folder: Path) -> Path:
+    """Copy the starter config ``name`` to ``folder/<name>.yaml``; MapdError when that file exists already."""
+    from mapd.log import say
+
+    target = Path(folder) / f"{name}.yaml"
+    try:
+        with open(target, "x", encoding="utf-8") as file:  # never overwrites a config a user edited
+            file.write(template_file(name).read_text(encoding="utf-8"))
+    except FileExistsError:
+        raise MapdError(f"{target}: exists already; remove it or run `mapd init` in another folder") from None
+    say(f"wrote {target}: edit it, then `mapd check {target.name}` and `mapd run {target.name}`")
+    return target
+
+
 def public_dump(config: RunConfig) -> dict[str, Any]:
     """The resolved config as plain data for manifests: key *names* only, credentials in URLs redacted."""
     from mapd.secrets import redact_url
@@ -606,6 +714,11 @@ def _documented_lines(model: BaseModel, indent: str = "", comments: bool = True)
         if isinstance(value, BaseModel):
             lines.append(f"{indent}{name}:")
             lines.extend(_documented_lines(value, indent + "  ", comments))
+        elif value == [] and (item := _section_model(info.annotation)) is not None:  # e.g. no teachers yet
+            lines.append(f"{indent}{name}: []")
+            lines.append(f"{indent}# each item's fields, their defaults and help text:")
+            lines.extend(f"{indent}#   {field}: {'(required)' if about.is_required() else _yaml_value(about.get_default(call_default_factory=True))}"
+                         f"  # {about.description}" for field, about in item.model_fields.items())
         elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
             lines.append(f"{indent}{name}:")
             for number, item in enumerate(value):  # help text once, on the first item

@@ -1,8 +1,9 @@
 """The exceptions the CLI turns into one clear line (no traceback), and their exit codes.
 
-Exit codes (docs/reliability.md#exit-codes): 0 done; 2 bad input or config (nothing was changed);
+Exit codes (docs/reliability.md#exit-codes): 0 done; 1 a command mapd ran failed (the training launcher:
+mapd.serve.CommandFailed); 2 bad input or config (nothing was changed);
 3 a stage ended incomplete (calls failed or were not made: every record it has is written, and a
-rerun makes only the missing calls); 130 interrupted.
+rerun makes only the missing calls); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM, handled like Ctrl-C).
 """
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from tqdm import tqdm
@@ -14,7 +15,10 @@ from tqdm import tqdm
 from mapd import generation
 from mapd.answers import extract, is_correct
 from mapd.config import PromptConfig, StudentConfig, TaskConfig
+from mapd.io import folder_lock
 from mapd.layout import EvalLayout, RoundLayout
+from mapd.log import say
+from mapd.models import resolve_model
 from mapd.prompts import answer_messages
 from mapd.generation import Generation
 from mapd.records import Metrics, Prediction, write_document, write_records
@@ -39,12 +43,14 @@ def evaluate(
     seed: int | None = None,
     desc: str = "eval",
 ) -> list[Prediction]:
-    """Answer every example and score it: one prediction record per example, in order."""
+    """Answer every example and score it: one prediction record per example, in order. When sampling, each
+    question samples with its own seed (from ``seed`` and its id), whatever else shares its batch."""
     messages = [answer_messages(prompts, example.question, answer_kind) for example in examples]
     with tqdm(total=len(examples), desc=desc, unit="question") as bar:
         outputs = generation.generate(
             model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            batch_size=batch_size, seed=seed, on_batch=bar.update,
+            batch_size=batch_size, on_batch=bar.update,
+            seeds=None if seed is None else [generation.key_seed(seed, example.id) for example in examples],
         )
     return score(examples, outputs, answer_kind)
 
@@ -108,22 +114,32 @@ def predict_split(
 
 
 def evaluate_model(out: EvalLayout, *, student: StudentConfig, task: TaskConfig, split: str, limit: int | None,
-                   prompts: PromptConfig, cache_path: str | Path | None = None) -> Metrics:
+                   prompts: PromptConfig, cache_path: str | Path | None = None, lock: bool = False) -> Metrics:
     """Greedy evaluation of ``student.model`` on a split: writes predictions.jsonl and metrics.json, prints a
     summary and returns the metrics. A served student's calls are cached in ``cache_path`` (default
-    ``out/cache.sqlite``) and its server writes ``out/server.log``."""
+    ``out/cache.sqlite``) and its server writes ``out/server.log``. The data and the model path are checked
+    before anything is made; then ``lock`` (``mapd eval``) holds the folder's lock (and mapd.log) while it works."""
     loaded = get_task(task)
     examples = loaded.load(split, limit)  # bad data fails before any model loads
+    if not student.base_url:  # and so does a mistyped model path (a running server's model is only a name)
+        resolve_model(student.model, student.gguf_file)
+    with folder_lock(out.dir) if lock else nullcontext():
+        return _evaluate_into(out, student, loaded, examples, prompts, split, cache_path)
+
+
+def _evaluate_into(out: EvalLayout, student: StudentConfig, task: Task, examples: list[Example],
+                   prompts: PromptConfig, split: str, cache_path: str | Path | None) -> Metrics:
+    """evaluate_model's work once its inputs are valid."""
     predictions, seconds = predict_split(
-        student, loaded, examples, prompts, greedy=True, stage=f"eval {split}", desc=f"eval {task.name}/{split}",
+        student, task, examples, prompts, greedy=True, stage=f"eval {split}", desc=f"eval {task.name}/{split}",
         cache_path=Path(cache_path) if cache_path else out.default_cache, log_path=out.server_log,
     )
     result = metrics(predictions, task=task.name, split=split, model=student.model, seconds=seconds)
     write_records(out.predictions, predictions)
     write_document(out.metrics, result)
-    print(f"{task.name}/{split}: accuracy {result.accuracy:.1%} (strict {result.strict_accuracy:.1%}, "
-          f"unparsed {result.unparsed_rate:.1%}, cut off {result.cut_off_rate:.1%}) on {result.n} questions in "
-          f"{seconds:.0f} s -> {out.dir}")
+    say(f"{task.name}/{split}: accuracy {result.accuracy:.1%} (strict {result.strict_accuracy:.1%}, "
+        f"unparsed {result.unparsed_rate:.1%}, cut off {result.cut_off_rate:.1%}) on {result.n} questions in "
+        f"{seconds:.0f} s -> {out.dir}")
     warn_if_cut_off(predictions, student.max_new_tokens)
     return result
 

@@ -3,6 +3,7 @@ generate for many prompts at once with left-padded batches."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,6 +71,39 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     return "\n\n".join(turns) + "\n\n"
 
 
+def key_seed(*parts: object) -> int:
+    """A sampling seed named by what is generated (e.g. a call's key), the same on every machine and run."""
+    return zlib.crc32("\x1f".join(str(part) for part in parts).encode())
+
+
+class _RowSampler:
+    """A logits processor that samples each row with its own generator and leaves only the sampled token,
+    which greedy decoding then picks: a row's sample depends on its seed and its own logits, never on which
+    other prompts share its batch. Sampling is the Gumbel-max trick over the top-p nucleus of the
+    temperature-scaled distribution, so the float noise of another batch shape (about 1e-6 in a logit) flips
+    a draw only at a near-tie of the two best perturbed scores, not at every boundary of a cumulative sum."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device) -> None:
+        import torch
+
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scaled = scores.double() / self.temperature
+        ranked, order = torch.softmax(scaled, dim=-1).sort(dim=-1, descending=True)
+        outside = (ranked.cumsum(dim=-1) - ranked) >= self.top_p  # ranked below the nucleus (never the first)
+        scaled = scaled.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
+        noise = torch.stack([torch.rand(scores.shape[-1], generator=generator, device=scores.device,
+                                        dtype=torch.float64) for generator in self.generators])
+        chosen = (scaled - torch.log(-torch.log(noise))).argmax(dim=-1)
+        kept = torch.full_like(scores, float("-inf"))
+        kept[torch.arange(len(chosen), device=scores.device), chosen] = 0.0
+        return kept
+
+
 def generate(
     model,
     tokenizer,
@@ -79,10 +113,12 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     batch_size: int = 16,
-    seed: int | None = None,
+    seeds: list[int] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Generation]:
-    """Complete each chat prompt. Greedy when ``temperature`` is 0, else top-p sampling (no top-k).
+    """Complete each chat prompt. Greedy when ``temperature`` is 0, else top-p sampling (no top-k), each
+    prompt with its own seed (``seeds``, one per prompt; default: from the prompt's text), so what a prompt
+    samples does not depend on the batch it lands in.
 
     Prompts are sorted by token count so each batch pads little, and padded on the left
     (position ids follow the attention mask), so greedy batched outputs equal one-at-a-time
@@ -90,24 +126,26 @@ def generate(
     with its size (for progress bars).
     """
     import torch
+    from transformers import LogitsProcessorList
 
-    if seed is not None:
-        torch.manual_seed(seed)
-    encoded = [tokenizer(render_prompt(tokenizer, m), add_special_tokens=False)["input_ids"] for m in prompts]
+    rendered = [render_prompt(tokenizer, m) for m in prompts]
+    if seeds is None:
+        seeds = [key_seed(text) for text in rendered]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[Generation | None] = [None] * len(encoded)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        if temperature > 0
-        else {"do_sample": False}
-    )
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in indices]}, padding_side="left", return_tensors="pt")
         batch = batch.to(device)
+        sampler = ([_RowSampler([seeds[i] for i in indices], temperature, top_p, device)]
+                   if temperature > 0 else [])
         with torch.inference_mode():
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    logits_processor=LogitsProcessorList(sampler))
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         for row, index in enumerate(indices):
             tokens = new_tokens[row]

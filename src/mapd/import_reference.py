@@ -14,6 +14,7 @@ from typing import Any
 
 from mapd.config import ReviewConfig, TaskConfig
 from mapd.errors import MapdError
+from mapd.log import say
 from mapd.io import check_folder, folder_lock, read_json
 from mapd.layout import RoundLayout
 from mapd.records import Feedback, Mistake, Rationale, Review, write_records
@@ -169,5 +170,5 @@ def import_reference(task: str, mistakes: Path, feedback: Path | None, rationale
     counts = {name: len(records) for name, (_, records) in artifacts.items()}
     if rationale is not None:
         counts["accepted"] = sum(record.accepted for record in artifacts["rationales"][1])
-    print(f"imported into {out.dir}: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+    say(f"imported into {out.dir}: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
     return counts

@@ -1,5 +1,8 @@
-"""What mapd says while it works: retries, waits, failures and budget lines go to the terminal above
-the progress bars (through tqdm) and, while a folder is being written, to ``mapd.log`` in it."""
+"""What mapd says while it works. Every line goes through logging: results (what a command reports, on
+the ``mapd.out`` logger) to standard output as they are, everything else (retries, waits, failures, budget
+lines, each call at ``-v``) to standard error with a ``mapd:`` prefix, both above the progress bars
+(through tqdm); and, while a folder is being written, every line of every level to ``mapd.log`` in it,
+a fatal error or an interrupt included."""
 
 from __future__ import annotations
 
@@ -11,27 +14,65 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mapd.errors import MapdError
+
 log = logging.getLogger("mapd")
+out = logging.getLogger("mapd.out")  # a command's results: standard output, no prefix
+
+
+def say(text: str) -> None:
+    """A command's result line (what a print would have said): standard output, and mapd.log."""
+    if not any(isinstance(handler, _AboveTheBars) for handler in log.handlers):
+        setup()  # mapd used as a library, no `mapd` command set logging up: results show as the command's would
+    out.info(text.rstrip("\n"))
+
+
+def _is_result(record: logging.LogRecord) -> bool:
+    return record.name == out.name
 
 
 class _AboveTheBars(logging.Handler):
-    """Writes each line with ``tqdm.write``, so it lands above the progress bars instead of through them."""
+    """Writes each line with ``tqdm.write``, so it lands above the progress bars instead of through them:
+    the results to standard output, the rest to standard error."""
+
+    def __init__(self, level: int, results: bool) -> None:
+        super().__init__(level)
+        self.results = results
+        self.addFilter(lambda record: _is_result(record) == results)
+        self.setFormatter(logging.Formatter("%(message)s" if results else "mapd: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(self.format(record), file=sys.stdout if self.results else sys.stderr)
         except Exception:  # a closed terminal must not stop the run
             self.handleError(record)
 
 
 def setup(verbosity: int = 0) -> None:
-    """Terminal logging: -1 (``--quiet``) errors only, 0 warnings and retries, 1 (``-v``) everything."""
+    """Terminal logging: -1 (``--quiet``) errors only, 0 results, warnings and retries, 1 (``-v``) also
+    every call (teacher, key, status, attempts, latency, tokens)."""
     level = {-1: logging.ERROR, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))]
-    terminal = _AboveTheBars(level)
-    terminal.setFormatter(logging.Formatter("mapd: %(message)s"))
-    log.handlers = [handler for handler in log.handlers if not isinstance(handler, _AboveTheBars)] + [terminal]
+    terminals = [_AboveTheBars(level, results=False), _AboveTheBars(level, results=True)]
+    log.handlers = [handler for handler in log.handlers if not isinstance(handler, _AboveTheBars)] + terminals
     log.setLevel(logging.DEBUG)
     log.propagate = False
+
+
+INTERRUPTED = "interrupted; rerun the same command to continue where it stopped"
+TERMINAL_ONLY = "terminal_only"  # a record with this attribute set goes to the terminal, not to mapd.log
+
+
+def end(exc: BaseException) -> None:
+    """Print the line that ends a command stopped by ``exc`` (the folder's mapd.log has it already, from
+    :func:`to_file`; a mapd.log of another command in this process does not get it)."""
+    log.error(ending(exc), extra={TERMINAL_ONLY: True})
+
+
+def ending(exc: BaseException) -> str:
+    """The line that ends a command stopped by ``exc``: ``error: ...`` or the interrupt."""
+    if isinstance(exc, KeyboardInterrupt):
+        return INTERRUPTED
+    return f"error: {exc}" if isinstance(exc, MapdError) else f"error: {type(exc).__name__}: {exc}"
 
 
 @contextmanager
@@ -41,9 +82,16 @@ def to_file(folder: Path) -> Iterator[Path]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(lambda record: not getattr(record, TERMINAL_ONLY, False))
     log.addHandler(handler)
     try:
         yield path
+    except (Exception, KeyboardInterrupt) as exc:  # the error or interrupt that ends the command: in the file too
+        traceback = None if isinstance(exc, (KeyboardInterrupt, MapdError)) else (type(exc), exc, exc.__traceback__)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, ending(exc), None, traceback)
+        if log.filter(record):  # the redaction of mapd.secrets.protect_logs
+            handler.handle(record)
+        raise
     finally:
         log.removeHandler(handler)
         handler.close()

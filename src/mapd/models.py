@@ -68,12 +68,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def embedded_model_file(name: str) -> Path:
-    """The verified GGUF file of an embedded model, assembling it on first use."""
+def embedded_model_file(name: str, assemble: bool = True) -> Path:
+    """The verified GGUF file of an embedded model, assembling it on first use (into cache_dir(), written
+    nowhere when ``assemble`` is off: then only its packages are checked, and the path returned may not exist)."""
     if name not in EMBEDDED_MODELS:
         raise MapdError(f"model embedded:{name}: unknown (known: {', '.join(EMBEDDED_MODELS)})")
     spec = EMBEDDED_MODELS[name]
     parts = [_package_file(pkg, rel, name, spec.install) for pkg, rel in spec.parts]
+    if not assemble:
+        return parts[0] if len(parts) == 1 else cache_dir() / spec.file_name
     if len(parts) == 1:
         target, verified_mark = parts[0], cache_dir() / f"{spec.file_name}.{spec.sha256[:16]}.ok"
     else:
@@ -96,15 +99,19 @@ def embedded_model_file(name: str) -> Path:
     return target
 
 
-def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """``(folder or hub id, gguf file name or None)`` for transformers' from_pretrained."""
+def resolve_model(name: str, gguf_file: str | None = None, assemble: bool = True) -> tuple[str, str | None]:
+    """``(folder or hub id, gguf file name or None)`` for transformers' from_pretrained (``assemble`` off: an
+    embedded model is checked, not assembled; its path may not exist yet)."""
     if name.startswith(EMBEDDED_PREFIX):
-        path = embedded_model_file(name[len(EMBEDDED_PREFIX) :])
+        path = embedded_model_file(name[len(EMBEDDED_PREFIX) :], assemble)
         return str(path.parent), path.name
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise MapdError(f"model {name}: GGUF file not found")
+        with open(path, "rb") as file:  # a stage fails here, before it makes its folder, not when it loads
+            if file.read(4) != b"GGUF":
+                raise MapdError(f"model {name}: not a GGUF file (it does not start with the GGUF magic bytes)")
         return str(path.parent), path.name
     if path.exists() or name.startswith((".", "/", "~")):
         if not path.is_dir():
@@ -113,12 +120,12 @@ def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | N
     return name, gguf_file  # a hub id
 
 
-def check_local_teachers(teachers: list[TeacherConfig]) -> None:
+def check_local_teachers(teachers: list[TeacherConfig], assemble: bool = True) -> None:
     """Resolve every local teacher's model (in-process or served) now, so that a mistyped path fails before
-    any stage or call."""
+    any stage or call (``assemble`` off: an embedded model's file is not assembled, nothing is written)."""
     for teacher in teachers:
         if teacher.provider == "local" or teacher.serve:
-            resolve_model(teacher.model, teacher.gguf_file)
+            resolve_model(teacher.model, teacher.gguf_file, assemble)
 
 
 def checkpoint_identity(model: str, gguf_file: str | None = None) -> str:

@@ -97,6 +97,10 @@ class TrainingPair(Record):
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + [{"role": "user", "content": self.prompt}]
 
+    def conversational(self) -> dict[str, list[dict[str, str]]]:
+        """The pair in TRL's conversational prompt-completion form (SFTTrainer applies the chat template)."""
+        return {"prompt": self.messages(), "completion": [{"role": "assistant", "content": self.completion}]}
+
 
 class Prediction(Record):
     """predictions.jsonl: one evaluated (or mined) answer of the student."""

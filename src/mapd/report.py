@@ -46,9 +46,11 @@ from mapd.records import (
     read_document,
     read_records,
 )
+from mapd.stats import PairedComparison, format_p, paired_comparison, wilson_interval
 
 SCORES = [1, 2, 3, 4, 5]
 N_WRONG_SHOWN = 3
+N_CHANGED_SHOWN = 20  # rows of the table of questions whose verdict changed
 COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 # file names in texts that are not about one round's folder (a round's own files are named by its layout)
 _NAMES = RoundLayout(Path())
@@ -437,7 +439,8 @@ def _gold_check(r: Round, kind: str) -> Section:
         ["teacher", "accepted", "accepted but wrong", "rejected", "rejected but right", "answer right"], per)])
 
 
-def _training(r: Round) -> Section:
+def _training(r: Round, summary: dict) -> Section:
+    """The round's loss curves; ``summary`` (the train stage's, manifest.json) gives the processes it ran on."""
     log, name = r.train_log, r.rel(r.layout.train_log)
     if log is None:
         return Section(3, "Training", [Text(f"{name} is absent: this round has not been trained (yet).")])
@@ -453,7 +456,8 @@ def _training(r: Round) -> Section:
     ax.legend(frameon=False)
     rows = [[k, _num(next(getattr(x, k) for x in log if getattr(x, k) is not None), 4),
              _num(next(getattr(x, k) for x in reversed(log) if getattr(x, k) is not None), 4)] for k in keys]
-    return Section(3, "Training", [Text(f"{len(log):,} logged steps, last step {log[-1].step}."),
+    processes = f" on {summary['world_size']} processes" if isinstance(summary.get("world_size"), int) else ""
+    return Section(3, "Training", [Text(f"{len(log):,} logged steps, last step {log[-1].step}{processes}."),
                                     Plot(_png(fig), "training loss per step"), Table(["loss", "first", "last"], rows)])
 
 
@@ -528,10 +532,11 @@ def _eval_rows(rounds: list[Round], run_dir: Path) -> tuple[list[list[Any]], lis
                 samples.append(Html(f"<p class='muted'>{_e(r.name)}, {e.label}: first wrong predictions</p>"))
                 samples.append(_wrong_predictions(predictions))
             if metrics is None:
-                rows.append([r.name, e.label, "—", "—", "—", "—", "—", link])
+                rows.append([r.name, e.label, "—", "—", "—", "—", "—", "—", link])
                 continue
-            rows.append([r.name, e.label, _num(metrics.n), _pct(metrics.accuracy, 1), _pct(metrics.strict_accuracy, 1),
-                         _pct(metrics.unparsed_rate, 1), _num(metrics.seconds, 1), link])
+            rows.append([r.name, e.label, _num(metrics.n), _pct(metrics.accuracy, 1), _interval(metrics),
+                         _pct(metrics.strict_accuracy, 1), _pct(metrics.unparsed_rate, 1), _num(metrics.seconds, 1),
+                         link])
             bars.append((f"{r.name}\n{e.label.split()[0]}", metrics.accuracy))
     return rows, bars, samples
 
@@ -549,8 +554,89 @@ def _evaluation(rounds: list[Round], run_dir: Path) -> Section:
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 105)
         blocks.append(Plot(_png(fig), "accuracy before and after training"))
-    blocks.append(Table(["round", "model", "n", "accuracy", "strict", "unparsed", "seconds", "predictions"], rows))
+    blocks.append(Table(["round", "model", "n", "accuracy", "95 % interval", "strict", "unparsed", "seconds",
+                         "predictions"], rows))
+    blocks.append(Text("95 % interval: the Wilson score interval of the accuracy."))
     return Section(2, "Accuracy", blocks + samples)
+
+
+def _ci95(metrics: Metrics) -> tuple[float, float]:
+    """The 95 % Wilson interval of an evaluation's accuracy."""
+    return wilson_interval(round(metrics.accuracy * metrics.n), metrics.n)
+
+
+def _interval(metrics: Metrics) -> str:
+    low, high = _ci95(metrics)
+    return f"{100 * low:.1f}% – {100 * high:.1f}%"
+
+
+def _paired(before: list[Prediction], after: list[Prediction]) -> PairedComparison:
+    """Two evaluations matched by question id."""
+    return paired_comparison({p.id: p.correct for p in before}, {p.id: p.correct for p in after})
+
+
+def _answer(prediction: Prediction) -> str:
+    return prediction.answer if prediction.answer is not None else f"none ({prediction.status})"
+
+
+def _changed_rows(comparison: PairedComparison, before: list[Prediction], after: list[Prediction]) -> list[list[str]]:
+    """Up to N_CHANGED_SHOWN questions whose verdict changed, gained first (each kind gets at least half the
+    rows when it has that many)."""
+    old, new = {p.id: p for p in before}, {p.id: p for p in after}
+    gained, lost = comparison.gained_ids, comparison.lost_ids
+    shown_gained = min(len(gained), max(N_CHANGED_SHOWN // 2, N_CHANGED_SHOWN - len(lost)))
+    picked = [(i, "gained") for i in gained[:shown_gained]]
+    picked += [(i, "lost") for i in lost[:N_CHANGED_SHOWN - shown_gained]]
+    return [[i, _short(new[i].question, 90), _answer(old[i]), _answer(new[i]), new[i].gold, change]
+            for i, change in picked]
+
+
+def _comparison(rounds: list[Round]) -> Section:
+    """Each round's trained student against the base student (round 0 before training), question by question:
+    gained, lost, the exact McNemar test, and the questions whose verdict changed."""
+    title = "Before and after training: is the difference real?"
+    base = rounds[0].before.predictions if rounds else None
+    trained = [(r, r.after.predictions) for r in rounds if r.after.predictions is not None]
+    if base is None or not trained:
+        return Section(2, title, [Text(
+            f"No paired comparison yet: it needs the base student's predictions (round 0, "
+            f"{_NAMES.eval_before.predictions.as_posix()}) and a trained student's "
+            f"({_NAMES.eval_after.predictions.as_posix()}).")])
+    blocks: list = [Text(
+        "Each trained student is compared with the base student (round 0, before training) on the same test "
+        "questions, matched by id. Gained: right only after training; lost: right only before. The test is the "
+        "exact McNemar test: a two-sided exact binomial test of gained against lost at 1/2.")]
+    rows, details = [], []
+    for r, after in trained:
+        comparison = _paired(base, after)
+        n = comparison.n
+        rows.append([r.name, _num(n), f"{_num(comparison.before_correct)} ({_pct(comparison.before_correct, n)})",
+                     f"{_num(comparison.after_correct)} ({_pct(comparison.after_correct, n)})",
+                     _num(comparison.gained), _num(comparison.lost), format_p(comparison.p_value)])
+        details.append(Text(f"{r.name}: {comparison.sentence()}"))
+        changed = _changed_rows(comparison, base, after)
+        if changed:
+            rest = comparison.gained + comparison.lost - len(changed)
+            more = f" ({rest:,} more not shown: see the predictions files)" if rest else ""
+            details.append(Text(f"{r.name}: questions whose verdict changed{more}."))
+            details.append(Table(["id", "question", "before", "after", "gold", "change"], changed))
+    blocks.append(Table(["round", "paired questions", "right before", "right after", "gained", "lost",
+                         "exact McNemar p"], rows))
+    return Section(2, title, blocks + details)
+
+
+def eval_summary(before: EvalLayout, after: EvalLayout) -> dict[str, Any]:
+    """What the eval_after stage summary records beside the metrics (manifest.json): ``accuracy_ci95`` (the 95 %
+    Wilson interval of ``after``'s accuracy) and, when both have predictions, the paired comparison with
+    ``before`` (``paired_n``, ``before_correct``, ``after_correct``, ``gained``, ``lost``, ``mcnemar_p``)."""
+    summary: dict[str, Any] = {}
+    metrics = _document(after.metrics, Metrics)
+    if metrics is not None:
+        summary["accuracy_ci95"] = [round(bound, 4) for bound in _ci95(metrics)]
+    old, new = _records(before.predictions, Prediction), _records(after.predictions, Prediction)
+    if old is not None and new is not None:
+        summary.update(_paired(old, new).summary())
+    return summary
 
 
 def _manifest_section(manifest: dict | None, layout: RunLayout) -> Section:
@@ -685,7 +771,7 @@ def _sections(run_dir: Path) -> tuple[str, list[tuple[str, str]], list[Section]]
     kind = answer_kind(manifest, golds)
     teachers = _teachers(rounds, manifest)
 
-    sections = [_manifest_section(manifest, layout), _evaluation(rounds, layout.dir)]
+    sections = [_manifest_section(manifest, layout), _evaluation(rounds, layout.dir), _comparison(rounds)]
     if not rounds:
         sections.append(Section(2, "Rounds", [Text("No round has started: no round-N/ folder yet.")]))
     for index, r in enumerate(rounds):
@@ -693,7 +779,8 @@ def _sections(run_dir: Path) -> tuple[str, list[tuple[str, str]], list[Section]]
         questions = _stage_summary(manifest, index, "mine").get("n")
         questions = questions if isinstance(questions, int) and not isinstance(questions, bool) else None
         sections += [_funnel(r, questions), _teacher_table(r, teachers), _peer_review(r, teachers),
-                     _gold_check(r, kind), _training(r), _examples(r), _inventory(r, layout.dir)]
+                     _gold_check(r, kind), _training(r, _stage_summary(manifest, index, "train")), _examples(r),
+                     _inventory(r, layout.dir)]
     return f"mapd report — {layout.dir.resolve().name}", _cards(rounds, manifest), sections
 
 
@@ -730,8 +817,13 @@ def _html_cell(cell: Any) -> str:
     return f'<td><a href="{_e(cell.href)}">{_e(cell.text)}</a></td>' if link else f"<td>{_e(cell)}</td>"
 
 
+def _md_text(value: Any) -> str:
+    """``value`` as Markdown text: a name or record (a teacher name, an id) brings no HTML and no link."""
+    return html.escape(str(value), quote=False).replace("[", "\\[").replace("]", "\\]")
+
+
 def _md_cell(cell: Any) -> str:
-    text = f"[{cell.text}]({cell.href})" if isinstance(cell, Link) else str(cell)
+    text = f"[{_md_text(cell.text)}]({cell.href})" if isinstance(cell, Link) else _md_text(cell)
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -776,7 +868,7 @@ def _render_markdown(title: str, cards: list[tuple[str, str]], sections: list[Se
         out += ["", f"{'#' * section.level} {section.title}"]
         for block in blocks:
             if isinstance(block, Text):
-                out += ["", block.text]
+                out += ["", _md_text(block.text)]
             else:
                 out += ["", _md_row(block.headers), "|" + "---|" * len(block.headers), *map(_md_row, block.rows)]
     return "\n".join(out) + "\n"

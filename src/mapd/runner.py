@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ from typing import Any
 from mapd.config import (EMBEDDED_DEFAULT, RunConfig, config_changes, embedded_default_config, load_config, public_dump,
                          result_fields)
 from mapd.errors import IncompleteStage, MapdError
+from mapd.log import say
 from mapd.io import folder_lock, read_json, write_json
 from mapd.layout import RoundLayout, RunLayout
+from mapd.model_card import card_from_run
 from mapd.models import check_local_teachers, resolve_model
 from mapd.student import server_pool, trained_student
 from mapd.tasks import get_task
@@ -305,14 +308,25 @@ def _stages() -> list[Stage]:
     return stages
 
 
+def _record_comparison(manifest: Manifest, round_index: int, run_dir: RunLayout) -> None:
+    """Add to a round's eval_after summary the 95 % interval of its accuracy and its paired comparison with
+    the base student (round 0's eval_before): gained, lost, the exact McNemar p (mapd.report.eval_summary)."""
+    from mapd.report import eval_summary
+
+    record = manifest.stage(round_index, "eval_after")
+    extra = eval_summary(run_dir.round(0).eval_before, run_dir.round(round_index).eval_after)
+    record["summary"] = {**(record.get("summary") or {}), **extra}
+    manifest.save()
+
+
 def _run_stage(manifest: Manifest, round_index: int, stage: Stage, folder: RoundLayout, config: RunConfig) -> Any:
     """Run ``stage`` unless it is done and its outputs exist; record timing, summary and fingerprint.
     An ``IncompleteStage`` is recorded as ``incomplete`` (with its message) and raised again."""
     record = manifest.stage(round_index, stage.name)
     if record.get("status") == "done" and all(path.exists() for path in stage.done(folder)):
-        print(f"[round {round_index}] {stage.name}: done earlier, skipped")
+        say(f"[round {round_index}] {stage.name}: done earlier, skipped")
         return record.get("summary")
-    print(f"[round {round_index}] {stage.name} ...")
+    say(f"[round {round_index}] {stage.name} ...")
     record.pop("error", None)
     record.update(status="running", started=_now(), fingerprint=manifest.fingerprint(round_index, stage.name))
     manifest.save()
@@ -326,6 +340,10 @@ def _run_stage(manifest: Manifest, round_index: int, stage: Stage, folder: Round
             record["summary"] = exc.summary
         manifest.save()
         raise
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (mapd.cli): never left "running"
+        record.update(status="interrupted", seconds=round(time.perf_counter() - start, 2), finished=_now())
+        manifest.save()
+        raise
     record.update(status="done", seconds=round(time.perf_counter() - start, 2), summary=summary, finished=_now())
     manifest.save()
     return summary
@@ -333,8 +351,8 @@ def _run_stage(manifest: Manifest, round_index: int, stage: Stage, folder: Round
 
 def _check_run_config(config: RunConfig, source: str) -> None:
     """What fails a run only at a later stage, checked before the first one: the committee (at least one
-    teacher; two with peer review on) and the teacher a ``single:<teacher>`` build mode names. Errors name
-    the config file and field."""
+    teacher; two with peer review on), the teacher a ``single:<teacher>`` build mode names, and the programs
+    ``train.launch`` and the ``serve`` templates run. Errors name the config file and field."""
     from mapd.stages.review import check_committee
 
     names = [teacher.name for teacher in config.teachers]
@@ -346,6 +364,14 @@ def _check_run_config(config: RunConfig, source: str) -> None:
     if single is not None and single not in names:
         raise MapdError(f"{source}: build.mode: {config.build.mode}: teacher '{single}' is not in the config "
                         f"(teachers: {', '.join(names)})")
+    from mapd.serve import command_missing
+
+    commands = [("train.launch", config.train.launch), ("student.serve", config.student.serve)]
+    commands += [(f"teachers.{i}.serve ({t.name})", t.serve) for i, t in enumerate(config.teachers)]
+    for field, line in commands:
+        if line and (program := command_missing(line)):
+            raise MapdError(f"{source}: {field}: {program}: no such command, on PATH or beside mapd's Python "
+                            f"({Path(sys.executable).parent})")
 
 
 def default_run_dir(config_path: str | None) -> Path:
@@ -363,7 +389,7 @@ def run(config_path: str | None, out: Path | None = None, start: str | None = No
     config = load_config(config_path) if config_path else embedded_default_config()
     _check_run_config(config, config_path or str(EMBEDDED_DEFAULT))
     if config_path is None:
-        print(
+        say(
             "mapd: running the offline demonstration (embedded default). Its tiny local teachers test the "
             "machinery and do not teach well; for real teaching, point `teachers:` at real endpoints "
             "(see configs/paper-committee.yaml)."
@@ -390,8 +416,11 @@ def run(config_path: str | None, out: Path | None = None, start: str | None = No
                 if stage.name == "train":
                     servers.stop()  # training needs the device the student's server holds
                 summary = _run_stage(manifest, round_index, stage, folder, config)
+                if stage.name == "eval_after":
+                    _record_comparison(manifest, round_index, run_dir)
+                    card_from_run(run_dir.dir, round_index)  # the model card, now with its accuracy
                 if stage.name == "mine" and summary and summary.get("correct") == summary.get("n"):
-                    print(f"[round {round_index}] the student made no mistakes on the train split: nothing to teach")
+                    say(f"[round {round_index}] the student made no mistakes on the train split: nothing to teach")
                     break
             else:  # the next round mines the mistakes of the student this round trained
                 config = config.model_copy(update={"student": trained_student(config.student, folder.model)})
@@ -400,5 +429,5 @@ def run(config_path: str | None, out: Path | None = None, start: str | None = No
         manifest.data["finished"] = _now()
         manifest.save()
         report = write_report(run_dir.dir)
-        print(f"mapd: run complete: {run_dir.dir} (report: {report})")
+        say(f"mapd: run complete: {run_dir.dir} (report: {report})")
         return run_dir.dir

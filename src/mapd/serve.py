@@ -45,12 +45,16 @@ logs its output, and stops its whole process group, whatever happens (docs/scali
 
 No server outlives mapd: besides the ``finally`` above, an ``atexit`` hook stops any server still running, and
 a small watchdog process (its own session) stops the group when mapd dies in any way (SIGKILL and the OOM
-killer included): it holds a pipe from mapd and acts on end-of-file.
+killer included): it holds a pipe from mapd and acts on end-of-file. Stopping a group also stops every process
+its leader started in another session (torchrun's workers). :func:`start_group` and :func:`stop_group` give
+any command this care (``train.launch`` runs through them); :func:`command_env` finds commands installed beside
+mapd's interpreter when they are not on PATH.
 """
 
 from __future__ import annotations
 
 import atexit
+import codecs
 import contextlib
 import hashlib
 import json
@@ -74,14 +78,17 @@ from mapd.errors import MapdError
 from mapd.log import log
 
 FIELDS = ("model", "port", "name", "host")
+NOT_STARTED = "http://127.0.0.1:9/v1"  # a server not started yet (every call so far cached): no request goes there
 TAIL_LINES = 10
 _FIELD = re.compile(r"\{(\w*)\}")
 _PORT_TAKEN = re.compile(r"address already in use|errno 98|eaddrinuse|errno 48", re.IGNORECASE)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-class ServerFailed(MapdError):
-    """A model server that would not start, or died: one line naming the command, with its log's last lines."""
+class CommandFailed(MapdError):
+    """A command mapd ran that failed: one line naming the command, with its log's last lines (exit code 1)."""
+
+    exit_code = 1
 
     def __init__(self, message: str, *, command: str = "", log_path: Path | None = None, tail: list[str] | None = None,
                  returncode: int | None = None) -> None:
@@ -91,6 +98,12 @@ class ServerFailed(MapdError):
         elif log_path is not None:
             message += f"; {log_path} has no output"
         super().__init__(message)
+
+
+class ServerFailed(CommandFailed):
+    """A model server that would not start, or died (exit code 2, as before the launcher's failures had one)."""
+
+    exit_code = 2
 
 
 # ----------------------------------------------------------------------------------------------- servable models
@@ -238,46 +251,74 @@ def served(command: str, model: str, *, name: str, log_path: Path, ready_timeout
         try:
             _wait_ready(server, ready_timeout_s)
         except ServerFailed as failure:
-            _stop(server, stop_grace_s)
+            stop_group(server, stop_grace_s)
             if attempt < port_attempts and failure.returncode is not None and \
                     any(_PORT_TAKEN.search(text) for text in failure.tail):
                 log.info(f"server port {port} was taken before the server bound it; trying another port")
                 continue
             raise
         except BaseException:
-            _stop(server, stop_grace_s)
+            stop_group(server, stop_grace_s)
             raise
         break
     try:
         yield server
     finally:
-        _stop(server, stop_grace_s)
+        stop_group(server, stop_grace_s)
 
 
-# The servers running now, for the atexit hook: leader process -> its watchdog (None if it could not start).
+# The process groups running now, for the atexit hook: leader process -> its watchdog (None if it could not start).
 _running: dict[subprocess.Popen, subprocess.Popen | None] = {}
 _running_lock = threading.Lock()
 
-_WATCHDOG = r"""
-import os, signal, sys, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-pgid, grace = int(sys.argv[1]), float(sys.argv[2])
-if sys.stdin.readline().strip() == "done":
-    sys.exit(0)
-def alive():
+
+def command_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a command mapd starts runs in: mapd's own, unbuffered Python output, and the folder of
+    mapd's interpreter appended to PATH, so ``transformers``, ``vllm`` or ``accelerate`` installed beside mapd
+    are found when that environment is not activated (what PATH finds first still wins)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1"), **(extra or {})}
+    beside = str(Path(sys.executable).parent)
+    path = env.get("PATH", os.defpath)
+    if beside not in path.split(os.pathsep):
+        env["PATH"] = path + os.pathsep + beside if path else beside
+    return env
+
+
+def start_group(argv: list[str], *, env: dict[str, str], stdout, grace_s: float) -> subprocess.Popen:
+    """Start ``argv`` in its own session and process group, watched: whatever happens to mapd (SIGKILL
+    included), the group and every process it started are stopped (:func:`stop_group`; its watchdog, the
+    atexit hook). ``stdout`` receives stdout and stderr. A command that cannot be run fails like a shell
+    would (exit code 127, after a line naming it in ``stdout``)."""
     try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-if alive():
-    os.killpg(pgid, signal.SIGTERM)
-    end = time.monotonic() + grace
-    while alive() and time.monotonic() < end:
-        time.sleep(0.2)
-    if alive():
-        os.killpg(pgid, signal.SIGKILL)
-"""
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env=env)
+    except OSError as exc:
+        message = f"mapd: cannot run {argv[0]}: {exc}\n".encode()
+        if isinstance(stdout, int):
+            os.write(stdout, message)
+        else:
+            stdout.write(message)
+            stdout.flush()
+        process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(127)"], stdin=subprocess.DEVNULL,
+                                   stdout=stdout, start_new_session=True)
+    try:
+        watchdog = subprocess.Popen([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[3]); "
+                                     "from mapd.serve import _watch; _watch(int(sys.argv[1]), float(sys.argv[2]))",
+                                     str(process.pid), str(grace_s), str(Path(__file__).resolve().parents[1])],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+    except OSError:
+        watchdog = None  # best effort: the finally and atexit still stop the group
+    with _running_lock:
+        _running[process] = watchdog
+    return process
+
+
+def _watch(pgid: int, grace_s: float) -> None:
+    """The watchdog (its own process): on end-of-file from mapd, unless told "done", stop the group."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.stdin.readline().strip() != "done":
+        _terminate(pgid, _tree(pgid), grace_s)
 
 
 def _start(line: str, log_path: Path, *, host: str, port: int, model_name: str, grace_s: float) -> Server:
@@ -287,29 +328,55 @@ def _start(line: str, log_path: Path, *, host: str, port: int, model_name: str, 
         out.write(f"===== mapd {stamp}: starting server on port {port}: {line}\n".encode())
         out.flush()
         offset = out.tell()
-        env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
         log.info(f"starting server: {line} (log: {log_path})")
         argv, assignments = _argv(line)
-        env.update(assignments)
-        try:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True, env=env)
-        except OSError as exc:
-            out.write(f"mapd: cannot run {argv[0]}: {exc}\n".encode())
-            out.flush()
-            process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(127)"], stdin=subprocess.DEVNULL,
-                                       start_new_session=True)  # fails like a shell would: the usual report
-    try:
-        watchdog = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(process.pid), str(grace_s)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
-    except OSError:
-        watchdog = None  # best effort: the finally and atexit still stop the server
-    with _running_lock:
-        _running[process] = watchdog
+        process = start_group(argv, env=command_env(assignments), stdout=out, grace_s=grace_s)
     url_host = f"[{host}]" if ":" in host else host
     return Server(base_url=f"http://{url_host}:{port}/v1", model_name=model_name, process=process,
                   log_path=log_path, command=line, port=port, _log_offset=offset)
+
+
+def run_watched(line: str, log_path: Path, *, what: str, grace_s: float = 30.0) -> None:
+    """Run a command line to its end in a watched group (:func:`start_group`; run like a server command, see
+    :func:`_argv`), its output shown as it comes and appended to ``log_path`` after a header line. CommandFailed
+    (``what``, the exit code, the log's last lines) when it exits non-zero; Ctrl-C stops the group and propagates."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv, assignments = _argv(line)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with open(log_path, "ab") as out:
+        out.write(f"===== mapd {stamp}: running: {line}\n".encode())
+        out.flush()
+        offset = out.tell()
+        read, write = os.pipe()
+        try:
+            process = start_group(argv, env=command_env(assignments), stdout=write, grace_s=grace_s)
+        finally:
+            os.close(write)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            with open(read, "rb", buffering=0) as pipe:
+                while chunk := pipe.read(65536):  # progress bars redraw with \r: pass chunks on, not lines
+                    out.write(chunk)
+                    out.flush()
+                    sys.stdout.write(decoder.decode(chunk))
+                    sys.stdout.flush()
+            code = process.wait()
+        finally:
+            stop_group(process, grace_s)  # at once when it has exited; else (Ctrl-C, an error) it is stopped
+    if code != 0:
+        raise CommandFailed(f"{what}: `{line}` {_exit_words(code)}", command=line, log_path=log_path,
+                            tail=log_tail(log_path, offset), returncode=code)
+
+
+def command_missing(line: str) -> str | None:
+    """The program a command line (a template or launcher) would run, when it is found neither on PATH nor beside
+    mapd's interpreter; None when it is found, or the line runs under /bin/sh (the shell reports it then)."""
+    import shutil
+
+    argv, assignments = _argv(line)
+    if argv[:2] == ["/bin/sh", "-c"] or shutil.which(argv[0], path=command_env(assignments)["PATH"]):
+        return None
+    return argv[0]
 
 
 _SHELL = re.compile(r"[|&;<>()$`\\*?\[\]~\n]")
@@ -416,29 +483,68 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def _stop(server: Server | subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the process group, SIGKILL it after ``grace_s``, wait until it is empty, then let the watchdog go."""
+def _tree(pgid: int) -> list:
+    """The group's leader and every process it started (psutil Processes): a launcher's workers (torchrun's)
+    run in sessions of their own, so stopping the group alone would leave them running."""
+    import psutil
+
+    try:
+        leader = psutil.Process(pgid)
+        return [leader, *leader.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _alive(pgid: int, tree: list) -> bool:
+    """Whether any process of the group or of ``tree`` is left (zombies aside)."""
+    import psutil
+
+    def running(process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    return _group_alive(pgid) or any(running(process) for process in tree)
+
+
+def _signal_all(pgid: int, tree: list, signum: int) -> None:
+    _signal_group(pgid, signum)
+    for process in tree:
+        with contextlib.suppress(Exception):  # gone meanwhile; is_running guards against a reused pid
+            if process.is_running():
+                process.send_signal(signum)
+
+
+def _terminate(pgid: int, tree: list, grace_s: float, reap=lambda: None) -> None:
+    """SIGTERM the group and ``tree``; SIGKILL what is left after ``grace_s``."""
+    _signal_all(pgid, tree, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        reap()  # the leader, so a zombie does not count as alive
+        if not _alive(pgid, tree):
+            return
+        time.sleep(0.1)
+    log.info(f"process group {pgid} still running {grace_s:g} s after SIGTERM: SIGKILL")
+    _signal_all(pgid, tree, signal.SIGKILL)
+
+
+def stop_group(server: Server | subprocess.Popen, grace_s: float) -> None:
+    """Stop a group :func:`start_group` started: SIGTERM it and every process its leader started, SIGKILL them
+    after ``grace_s``, wait until none is left, then let the watchdog go."""
     process = server.process if isinstance(server, Server) else server
     pgid = process.pid  # start_new_session: the leader's pid is the group's id
+    tree = _tree(pgid)
     try:
-        _signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            process.poll()  # reap the leader, so a zombie does not count as alive
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.1)
-        else:
-            log.info(f"server group {pgid} still running {grace_s:g} s after SIGTERM: SIGKILL")
-            _signal_group(pgid, signal.SIGKILL)
+        _terminate(pgid, tree, grace_s, reap=process.poll)
     except KeyboardInterrupt:  # a second Ctrl-C while waiting: no more grace
-        _signal_group(pgid, signal.SIGKILL)
+        _signal_all(pgid, tree, signal.SIGKILL)
         raise
     finally:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5)
         deadline = time.monotonic() + 5
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while _alive(pgid, tree) and time.monotonic() < deadline:
             time.sleep(0.05)
         with _running_lock:
             watchdog = _running.pop(process, None)
@@ -457,9 +563,9 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 @atexit.register
 def _stop_all() -> None:
-    """Stop every server still running when the interpreter exits (a with-block skipped by a crash)."""
+    """Stop every group still running when the interpreter exits (a with-block skipped by a crash)."""
     with _running_lock:
         processes = list(_running)
     for process in processes:
         with contextlib.suppress(Exception):
-            _stop(process, 3.0)
+            stop_group(process, 3.0)

@@ -22,10 +22,11 @@ from mapd.llm import Call, CallCache, CallKey, Dispatcher
 from mapd.llm.cache import cache_key
 from mapd.models import checkpoint_identity
 from mapd.prompts import answer_messages
+from mapd.serve import NOT_STARTED
 from mapd.tasks import Example
 
 STUDENT = "student"  # the name of the student's endpoint in call keys and statistics
-NOT_STARTED = "http://127.0.0.1:9/v1"  # stands for the server while every answer is cached (no request is made)
+ROLE = "the student's server"  # how log lines and errors name it
 
 
 def trained_student(student: StudentConfig, model_dir: Path) -> StudentConfig:
@@ -47,17 +48,15 @@ class ServerPool:
     def __init__(self) -> None:
         self._open: dict[tuple[str, str], tuple[object, object]] = {}  # key -> (context manager, server)
 
-    def get(self, command: str, model: str, log_path: Path, ready_timeout_s: float):
-        """The server for ``model``, started with ``command`` unless it already runs (any other is stopped)."""
-        from mapd.serve import served
-
-        key = (command, model)
+    def get(self, student: StudentConfig, model: str, log_path: Path):
+        """The server for ``model``, started with ``student.serve`` unless it already runs (any other is stopped)."""
+        key = (student.serve, student.host, model)
         if key in self._open:
             server = self._open[key][1]
             server.check()
             return server
         self.stop()  # one student server at a time: the device belongs to the model in use
-        context = served(command, model, name=STUDENT, log_path=log_path, ready_timeout_s=ready_timeout_s)
+        context = _served(student, model, log_path)
         self._open[key] = (context, context.__enter__())
         return self._open[key][1]
 
@@ -93,14 +92,19 @@ def endpoint(student: StudentConfig, reference: str, log_path: Path) -> Iterator
         return
     pool = _pool.get()
     if pool is not None:
-        server = pool.get(student.serve, reference, log_path, student.ready_timeout_s)
+        server = pool.get(student, reference, log_path)
         yield Endpoint(server.base_url, server.model_name)
         return
+    with _served(student, reference, log_path) as server:
+        yield Endpoint(server.base_url, server.model_name)
+
+
+def _served(student: StudentConfig, reference: str, log_path: Path):
+    """The context manager that serves ``reference`` with ``student.serve`` (mapd.serve.served)."""
     from mapd.serve import served
 
-    with served(student.serve, reference, name=STUDENT, log_path=log_path,
-                ready_timeout_s=student.ready_timeout_s) as server:
-        yield Endpoint(server.base_url, server.model_name)
+    return served(student.serve, reference, name=STUDENT, log_path=log_path, host=student.host,
+                  ready_timeout_s=student.ready_timeout_s)
 
 
 def served_answers(student: StudentConfig, examples: list[Example], answer_kind: str, prompts: PromptConfig, *,
@@ -129,7 +133,7 @@ def served_answers(student: StudentConfig, examples: list[Example], answer_kind:
               else nullcontext(Endpoint(config.base_url, config.model))) as where:
             config = config.model_copy(update={"base_url": where.base_url, "model": where.model_name})
             began = time.perf_counter()
-            with Dispatcher([config], cache, identities={STUDENT: identity}) as dispatcher:
+            with Dispatcher([config], cache, identities={STUDENT: identity}, who={STUDENT: ROLE}) as dispatcher:
                 results = dispatcher.complete_all(list(calls.values()), desc)
             seconds = time.perf_counter() - began
     failed = [result for result in results.values() if result.text is None]

@@ -18,7 +18,8 @@ micro-batches are mixed (sum 0.99) for 1.52x the tokens. Figures, command and th
 keeping it: docs/training.md#the-joint-loss-in-practice (bench/joint_loss_weighting.py).
 
 Built on the transformers ``Trainer``, so ``accelerate launch`` with DeepSpeed or FSDP runs it
-unchanged. Pairs are tokenized with the student's chat template, padded per batch (right
+unchanged; ``train.launch`` makes ``mapd run`` start it that way (:func:`launch_train`). Pairs are
+tokenized with the student's chat template, padded per batch (right
 padding) and grouped by length. Checkpoints go to ``out_dir/checkpoint-N``; a rerun resumes
 from the last one. The trained model and tokenizer are saved in ``out_dir``.
 """
@@ -32,11 +33,16 @@ from typing import Any
 
 from mapd.config import StudentConfig, TrainConfig
 from mapd.errors import MapdError
-from mapd.io import append_jsonl, read_jsonl, write_jsonl
+from mapd.log import say
+from mapd.io import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
 from mapd.layout import RoundLayout
+from mapd.model_card import finish_model_folder, write_model_card
 from mapd.records import TrainingPair, read_records
 
 KINDS = ("feedback", "rationale")
+SUMMARY = "train_summary.json"  # in the model folder: what train_model returned (steps, loss, world_size, ...)
+LAUNCH_CONFIG = "launch.yaml"  # in the model folder: the settings a train.launch child trains with
+LAUNCH_LOG = "launch.log"  # in the model folder: a train.launch child's output
 
 
 def load_pairs(path: Path, alpha: float) -> list[TrainingPair]:
@@ -257,8 +263,10 @@ def train_model(config: TrainConfig, model: str, data: Path, out_dir: Path, gguf
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
 
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    trained.config.use_cache = True  # an inference setting that training (gradient checkpointing) turned off
     if config.lora and config.merge_lora:
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged = trained.merge_and_unload()
         if trainer.is_world_process_zero():
             merged.save_pretrained(out_dir)
             trainer.processing_class.save_pretrained(out_dir)
@@ -267,14 +275,46 @@ def train_model(config: TrainConfig, model: str, data: Path, out_dir: Path, gguf
     kinds = {kind: sum(p.kind == kind for p in pairs) for kind in KINDS}
     truncated = sum(len(f["input_ids"]) >= config.max_length for f in trainer.train_dataset)
     resumed = f", resumed from {Path(checkpoint).name}" if checkpoint else ""
-    print(
+    world_size = trainer.args.world_size
+    processes = f" on {world_size} processes" if world_size > 1 else ""
+    say(
         f"train: {len(pairs)} pairs ({kinds['feedback']} feedback, {kinds['rationale']} rationale; "
-        f"{truncated} at max_length {config.max_length}), {trainer.state.global_step} steps{resumed}, "
+        f"{truncated} at max_length {config.max_length}), {trainer.state.global_step} steps{resumed}{processes}, "
         f"loss {result.training_loss:.4f}, {seconds:.0f} s -> {out_dir}"
     )
-    return {"steps": trainer.state.global_step, "train_loss": result.training_loss, "seconds": seconds, "pairs": len(pairs)}
+    summary = {"steps": trainer.state.global_step, "train_loss": result.training_loss, "seconds": seconds,
+               "pairs": len(pairs), "world_size": world_size}
+    if trainer.is_world_process_zero():
+        write_json(out_dir / SUMMARY, summary)
+        finish_model_folder(out_dir, config.keep_checkpoints)  # what one would upload: no checkpoints, 0644
+        write_model_card(out_dir, base_model=model, pairs=pairs, steps=trainer.state.global_step)
+    return summary
+
+
+def launch_train(config: TrainConfig, model: str, data: Path, out_dir: Path, gguf_file: str | None = None
+                 ) -> dict[str, Any]:
+    """:func:`train_model` as ``mapd train`` under the launcher ``config.launch`` (e.g. ``accelerate launch
+    --multi_gpu --num_processes 8``), in a watched process group that never outlives mapd (mapd.serve). Its
+    output is shown and appended to ``out_dir``/launch.log; its settings go to ``out_dir``/launch.yaml.
+    Returns the summary its main process wrote; CommandFailed (one line, the log's last lines) when it fails."""
+    import shlex
+
+    import yaml
+
+    from mapd.serve import run_watched
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = out_dir / LAUNCH_CONFIG
+    settings.write_text(yaml.safe_dump({"train": config.model_dump(mode="json", exclude={"launch"})}, sort_keys=False))
+    (out_dir / SUMMARY).unlink(missing_ok=True)  # the one the run below writes, not an earlier one
+    argv = ["-m", "mapd.cli", "train", "--config", str(settings), "--data", str(data), "--out", str(out_dir),
+            "--model", model, *(["--gguf-file", gguf_file] if gguf_file else [])]
+    run_watched(f"{config.launch} {shlex.join(argv)}", out_dir / LAUNCH_LOG, what="train.launch")
+    return read_json(out_dir / SUMMARY, dict)
 
 
 def run_train(folder: RoundLayout, *, student: StudentConfig, train: TrainConfig) -> dict[str, Any]:
-    """Train ``student`` on the round's train.jsonl into ``round/model`` (see :func:`train_model`)."""
-    return train_model(train, student.model, folder.train, folder.model, student.gguf_file)
+    """Train ``student`` on the round's train.jsonl into ``round/model``: in this process (:func:`train_model`),
+    or under ``train.launch`` (:func:`launch_train`)."""
+    how = launch_train if train.launch else train_model
+    return how(train, student.model, folder.train, folder.model, student.gguf_file)

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 import openai
 
 from mapd.llm.base import Call, CallResult
-from mapd.llm.cache import CallCache
+from mapd.llm.cache import CacheUnavailable, CallCache
 from mapd.llm.openai_provider import OpenAIProvider, TeacherStopped, UnusableReply, request_body, transient_status
 
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "expired", "cancelled", "failed", "lost")  # "lost": the endpoint no longer knows it
 CALM_TICK_S = 0.1  # the queue goes out after two ticks in a row with the run calm
+MALFORMED_POLLS = 5  # malformed replies in a row to a batch's poll before its calls fail (it stays pending)
+REFRESH_S = 10.0  # --batch-status: one attempt per batch, at most this long; the endpoint down: last-known states
 log = logging.getLogger("mapd.llm")
 
 
@@ -66,6 +68,7 @@ class BatchProvider:
         self._waiting: dict[str, dict[str, tuple[Call, asyncio.Future]]] = {}  # input file -> its requests' waiters
         self._next_poll: dict[str, float] = {}
         self._states: dict[str, str] = {}  # input file -> status line part
+        self._malformed: dict[str, int] = {}  # input file -> malformed poll replies in a row
         self._loop_task: asyncio.Task | None = None
 
     async def complete(self, call: Call, key: str, pending: str | None = None, *, in_slot: bool = False) -> CallResult:
@@ -92,15 +95,21 @@ class BatchProvider:
                     return await self.live.complete(call)
             input_file_id = None
 
-    async def refresh(self, input_file_id: str) -> None:
-        """Ask the provider for a batch's state and record it (nothing is collected or submitted)."""
+    async def refresh(self, input_file_id: str) -> str | None:
+        """Ask the provider for a batch's state and record it (nothing is collected or submitted): one attempt of
+        at most REFRESH_S. None when recorded, else why not (the state shown stays the last known)."""
         row = self.cache.batch(input_file_id)
         try:
-            batch = await self.live.request(lambda: self.live.client.batches.retrieve(row["batch_id"]), missing_ok=True)
-        except Exception as exc:
-            log.warning("teacher %s: batch %s: %s", self.teacher.name, row["batch_id"], self.live.describe(exc))
-            return
+            batch = await asyncio.wait_for(self.live.client.batches.retrieve(row["batch_id"], timeout=REFRESH_S),
+                                           REFRESH_S)
+            problem = malformed(batch)
+        except Exception as exc:  # (TimeoutError included)
+            problem = self.live.describe(exc) if str(exc) else f"no answer within {REFRESH_S:g} s"
+        if problem is not None:
+            log.warning("teacher %s: batch %s: %s", self.teacher.name, row["batch_id"], problem)
+            return problem
         self._note(input_file_id, batch, show=False)
+        return None
 
     def forget(self) -> None:
         """Drop what a finished (or interrupted) run left waiting; the batches themselves run on."""
@@ -139,11 +148,16 @@ class BatchProvider:
         except Exception as exc:  # (a cancelled run cancels its waiting calls itself)
             waiting = [*self._queue.values(), *self._submitting.values(),
                        *(w for batch in self._waiting.values() for w in batch.values())]
-            for _, future in waiting:
-                if not future.done():
+            for call, future in waiting:
+                if future.done():
+                    continue
+                if isinstance(exc, CacheUnavailable):  # the batches run on; a rerun collects them
+                    future.set_result(CallResult(call.key, None, f"CacheUnavailable: {exc}", attempts=0))
+                else:
                     future.set_exception(exc)
             self._clear()
-            raise
+            if not isinstance(exc, CacheUnavailable):
+                raise
 
     async def _submit_and_poll(self) -> None:
         loop = asyncio.get_running_loop()
@@ -232,10 +246,15 @@ class BatchProvider:
             nonlocal tries
             tries += 1
             if (tries > 1 or not fresh) and (found := await self._find_batch(input_file_id)) is not None:
-                return found, False
-            return await self.live.client.batches.create(
-                input_file_id=input_file_id, endpoint=ENDPOINT, completion_window=self.teacher.batch_completion_window,
-                metadata={"mapd_teacher": self.teacher.name}), True
+                batch, created = found, False
+            else:
+                batch, created = await self.live.client.batches.create(
+                    input_file_id=input_file_id, endpoint=ENDPOINT,
+                    completion_window=self.teacher.batch_completion_window,
+                    metadata={"mapd_teacher": self.teacher.name}), True
+            if (problem := malformed(batch)) is not None:
+                raise UnusableReply(f"a malformed batch ({problem})")
+            return batch, created
 
         try:
             batch, created = await self.live.request(find_or_create)
@@ -284,6 +303,16 @@ class BatchProvider:
             log.warning("teacher %s: polling batch %s failed: %s", self.teacher.name, row["batch_id"],
                         self.live.describe(exc))
             return None
+        if (problem := malformed(batch)) is not None:  # a warning on this batch, never a record in the cache
+            self._malformed[input_file_id] = times = self._malformed.get(input_file_id, 0) + 1
+            log.warning("teacher %s: batch %s: the endpoint's reply is malformed (%s), %d in a row%s",
+                        self.teacher.name, row["batch_id"], problem, times,
+                        "" if times < MALFORMED_POLLS else "; its calls fail for now, a rerun polls it again")
+            if times >= MALFORMED_POLLS:
+                error = self.live.describe_text(f"BatchMalformed: batch {row['batch_id']}: {problem}")
+                self._deliver(input_file_id, lambda key, call: CallResult(call.key, None, error))
+            return None
+        self._malformed.pop(input_file_id, None)
         self._note(input_file_id, batch)
         if batch.status == "failed":
             return self._failed(input_file_id, batch)
@@ -327,6 +356,7 @@ class BatchProvider:
     async def _collect(self, input_file_id: str, batch: openai.types.Batch) -> None:
         """Read a finished batch's output and error files; each waiter gets its line, found by custom_id."""
         lines: dict[str, dict] = {}
+        twice: dict[str, str] = {}  # custom_id -> why it is unanswered: two different lines for it in one file
         for file_id in (batch.error_file_id, batch.output_file_id):  # an answer wins over an error line
             if not file_id:
                 continue
@@ -341,12 +371,29 @@ class BatchProvider:
                             self.live.describe(exc))
                 self._next_poll[input_file_id] = asyncio.get_running_loop().time() + self.teacher.batch_poll_s
                 return
+            found: dict[str, tuple[int, dict]] = {}
+            differing: dict[str, str] = {}
             # JSON Lines end at "\n" only: str.splitlines() would also cut at U+2028 and the like inside a string
             for number, text in enumerate(content.content.decode("utf-8", "replace").split("\n"), 1):
                 line = _parse_line(text, file_id, number) if text.strip() else None
-                if line is not None:
-                    lines[line["custom_id"]] = line
-        self._deliver(input_file_id, lambda key, call: self._outcome(input_file_id, batch, call, lines.get(key)))
+                if line is None:
+                    continue
+                custom_id = line["custom_id"]
+                if custom_id in found:  # never silently the last one
+                    first, same = found[custom_id][0], found[custom_id][1] == line
+                    log.warning("batch file %s lines %d and %d: custom_id %s twice%s", file_id, first, number,
+                                custom_id, ", the same line: taken once" if same else
+                                " with different contents: neither is taken, its request counts as unanswered")
+                    if not same:
+                        differing[custom_id] = f"custom_id twice in file {file_id} (lines {first}, {number})"
+                    continue
+                found[custom_id] = (number, line)
+            for custom_id, (_, line) in found.items():  # this file's word replaces the error file's
+                lines[custom_id] = line
+                twice.pop(custom_id, None)
+            twice.update(differing)
+        self._deliver(input_file_id, lambda key, call: Unanswered(input_file_id, twice[key]) if key in twice
+                      else self._outcome(input_file_id, batch, call, lines.get(key)))
 
     def _outcome(self, input_file_id: str, batch: openai.types.Batch, call: Call, line: dict | None) -> Outcome:
         """One request's outcome from its line of the output or error file (None: neither has it)."""
@@ -371,9 +418,24 @@ class BatchProvider:
 
 
 def _counts(batch: openai.types.Batch) -> dict[str, int]:
-    """The batch's completed and failed request counts (0 for what the provider left out)."""
+    """The batch's completed and failed request counts (0 for what the provider left out or malformed)."""
     counts = batch.request_counts
-    return {name: getattr(counts, name, None) or 0 for name in ("completed", "failed")}
+    values = {name: getattr(counts, name, None) for name in ("completed", "failed")}
+    return {name: value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+            for name, value in values.items()}
+
+
+def malformed(batch: object) -> str | None:
+    """What makes a Batch API reply unusable (no id or status, a file id that is not text); None when usable.
+    The SDK builds its reply objects without validating them."""
+    if not isinstance(getattr(batch, "id", None), str) or not batch.id:
+        return "no batch id"
+    if not isinstance(getattr(batch, "status", None), str) or not batch.status:
+        return "no status"
+    for name in ("output_file_id", "error_file_id"):
+        if not isinstance(getattr(batch, name, None), (str, type(None))):
+            return f"{name} is not text"
+    return None
 
 
 def _parse_line(text: str, file_id: str, number: int) -> dict | None:

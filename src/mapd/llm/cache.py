@@ -1,20 +1,30 @@
 """The teacher call cache: one SQLite file (WAL), one row per call, committed as each call ends.
 
 The key is a hash of what decides a reply (provider, model, messages, sampling settings,
-sample index), never of the endpoint URL or the key. Only successful replies are hits: a
-recorded failure stays in the file for inspection and is retried by the next run.
+sample index, and the teacher's name when it samples), never of the endpoint URL or the key.
+Only successful replies are hits: a recorded failure stays in the file for inspection and is retried
+by the next run.
 
 Each row keeps what its call cost, so the budget is a total over every run and process that
 shares the file. Processes sharing it claim a call before making it (a lease, renewed while the
 process lives), so two processes never pay for the same call twice; a dead process's claims expire.
 Batch API work is recorded here too (docs/batch.md): each uploaded input file and its requests, which
 stay pending (reserved against the budget, never claimed again) until their batch answered or gave up.
+
+The cache is the ledger of paid work: a reply is never dropped because the file cannot take it right now.
+A write waits up to CACHE_WAIT_S for another process's lock; a write that still fails (locked longer, a
+read-only file, a full disk) keeps its reply in memory (``unwritten``), retried with every later write, and
+raises CacheUnavailable (exit 3: the stage stops incomplete, naming the condition and what to do). A file
+removed while open is written back from the open copy. Only a file that is really not a cache is to be
+moved away.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -24,10 +34,13 @@ from pathlib import Path
 from typing import Literal
 
 from mapd.config import TeacherConfig
-from mapd.errors import MapdError
+from mapd.errors import IncompleteStage, MapdError
 from mapd.llm.base import Call, CallResult
 
+log = logging.getLogger("mapd.llm")
 SCHEMA_VERSION = 1
+CACHE_WAIT_S = 120.0  # how long a write waits for another process's write lock before the cache is unavailable
+TROUBLE_WAIT_S = 1.0  # ... once a write has failed: the calls in flight then keep their replies without a long wait
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mapd_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS calls (
@@ -87,10 +100,17 @@ _COLUMNS = "text, error, input_tokens, output_tokens, latency_s, attempts, finis
 _ADDED = {"finish_reason": "TEXT", "cost_usd": "REAL"}  # columns a version-1 file made before them lacks
 
 
+def _finite(column: str) -> str:
+    """SQL for ``column`` where it is finite, else 0: an Infinity that an earlier mapd stored (a price of .inf) never
+    poisons the budget of every later run on the file."""
+    return f"(CASE WHEN abs({column}) < 1e300 THEN {column} ELSE 0 END)"
+
+
 def cache_key(teacher: TeacherConfig, call: Call, identity: str | None = None) -> str:
     """sha256 of a canonical JSON of everything that decides the reply (no URL, no key). ``identity`` names
     the weights behind a served model (a checkpoint's fingerprint), so a trained student is never answered
-    from its base model's calls."""
+    from its base model's calls. A sampling teacher's name is part of it: two teachers on one model at
+    temperature > 0 are two samples, not one reply shared; at temperature 0 they share the reply."""
     fields = {
         "provider": teacher.provider,
         "model": teacher.model,
@@ -104,6 +124,8 @@ def cache_key(teacher: TeacherConfig, call: Call, identity: str | None = None) -
     }
     if identity is not None:
         fields["identity"] = identity
+    if teacher.temperature > 0:
+        fields["teacher"] = teacher.name
     canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -114,6 +136,8 @@ def check_cache_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise MapdError(f"{path}: cache_path is a folder; name a file, e.g. {path / 'cache.sqlite'}")
+    if path.exists() and not path.is_file():
+        raise MapdError(f"{path}: cache_path is not a regular file (a device, pipe or socket); name a file")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -165,8 +189,40 @@ def _schema_error(path: Path, tables: set[str], version: str | None) -> MapdErro
     return None
 
 
+class CacheUnavailable(IncompleteStage):
+    """The call cache cannot be written now (``condition``: locked, read-only, disk full): paid replies are
+    kept in memory, no new call is made, and the stage stops incomplete, saying what to do."""
+
+    def __init__(self, message: str, condition: str) -> None:
+        super().__init__(message)
+        self.condition = condition
+
+
+def _unavailable(path: Path, exc: sqlite3.DatabaseError) -> MapdError:
+    """What a SQLite error on the cache at ``path`` means: CacheUnavailable for a file that is busy, read-only or
+    on a full disk; a MapdError for a refused record; else the file is not a readable cache."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return CacheUnavailable(
+            f"{path}: the call cache stayed locked by another process for more than {CACHE_WAIT_S:g} s ({exc}); "
+            f"let that process finish or stop it (`fuser {path}` names it), then rerun: the replies already "
+            "paid are kept", "locked")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
+        return CacheUnavailable(
+            f"{path}: the call cache cannot be written ({exc}); make the file and its folder writable, or set "
+            "cache_path to a writable copy of it, then rerun", "read-only")
+    if name.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+        return CacheUnavailable(
+            f"{path}: the call cache cannot be written ({exc}: disk full?); free space on its disk, then rerun",
+            "disk full")
+    if isinstance(exc, sqlite3.IntegrityError):  # a record mapd should not have made: never the file's fault
+        return MapdError(f"{path}: the call cache refused a record ({exc}); the file is fine, please report this")
+    return MapdError(f"{path}: not a readable mapd call cache ({exc}); move it away or set cache_path")
+
+
 class CallCache:
-    """A SQLite call cache at ``path``, shared by the event loop and one worker thread."""
+    """A SQLite call cache at ``path``, shared by the event loop and one worker thread. ``unwritten`` holds
+    the replies (with their cost) that the file could not take yet, by cache key; every write retries them."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = check_cache_path(path)
@@ -175,27 +231,69 @@ class CallCache:
         except OSError as exc:
             raise MapdError(f"{self.path}: cannot make the call cache's folder ({exc.strerror or exc})") from None
         self._lock = threading.Lock()
-        # autocommit; a writer waits up to 30 s for another process's transaction instead of failing
-        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        self.unwritten: dict[str, tuple[tuple, str, str | None]] = {}
+        self._connect()
         try:
             with self._access():
                 self._check_schema()  # before anything writes: a foreign file is left byte for byte
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses nothing committed
+                self._set_journal()
         except MapdError:
             self._db.close()
             raise
 
+    def _connect(self) -> None:
+        """Open the file (autocommit; a writer waits up to CACHE_WAIT_S for another process's transaction instead
+        of failing), and note which file it is."""
+        try:
+            self._db = sqlite3.connect(self.path, timeout=CACHE_WAIT_S, check_same_thread=False, isolation_level=None)
+        except sqlite3.DatabaseError as exc:  # e.g. a folder nobody may write in
+            raise _unavailable(self.path, exc) from None
+        self._wait_s = CACHE_WAIT_S  # TROUBLE_WAIT_S after a failed write, until one succeeds
+        stat = os.stat(self.path)  # (SQLite has made the file)
+        self._file = (stat.st_dev, stat.st_ino)
+
+    def _set_journal(self) -> None:
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses nothing committed
+
+    def _same_file(self) -> None:
+        """Before a write: the path still names the file this cache has open. A removed file is written back
+        from the open one (``VACUUM INTO``: no paid reply is lost with it); another file in its place is
+        CacheUnavailable (its replies are kept in memory)."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            stat = None
+        if stat is not None and (stat.st_dev, stat.st_ino) == self._file:
+            return
+        if stat is not None:
+            raise CacheUnavailable(f"{self.path}: another file took the call cache's place while this process had "
+                                   "it open; move one of them away, then rerun: the replies already paid are kept "
+                                   "until then", "replaced")
+        self._db.execute("VACUUM INTO ?", (str(self.path),))
+        self._db.close()
+        self._connect()
+        self._set_journal()
+        log.warning("%s: the call cache was removed while in use; it was written back from the open copy", self.path)
+
     @contextmanager
     def _access(self) -> Iterator[None]:
-        """Serialize access; a damaged file becomes a MapdError naming it (the file is left alone)."""
+        """Serialize access; a SQLite error becomes a MapdError naming the file and the condition (the file is
+        left alone)."""
         with self._lock:
             try:
                 yield
             except sqlite3.DatabaseError as exc:
-                raise MapdError(
-                    f"{self.path}: not a readable mapd call cache ({exc}); move it away or set cache_path"
-                ) from None
+                problem = _unavailable(self.path, exc)
+                if isinstance(problem, CacheUnavailable):
+                    self._set_wait(TROUBLE_WAIT_S)
+                raise problem from None
+
+    def _set_wait(self, seconds: float) -> None:
+        """How long the next writes wait for another process's write lock."""
+        if seconds != self._wait_s:
+            self._db.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
+            self._wait_s = seconds
 
     def _check_schema(self) -> None:
         """Make the tables of a new file, or check an existing one's version and add what it lacks: in one
@@ -204,9 +302,14 @@ class CallCache:
         try:
             self._check_schema_in_transaction()
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
         self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if SQLite has not already (it does on a full disk)."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def _check_schema_in_transaction(self) -> None:
         tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -240,24 +343,46 @@ class CallCache:
 
     def put(self, key: str, result: CallResult, teacher: str = "", cost_usd: float = 0.0, owner: str = "") -> None:
         """Record ``result`` and what it cost (added to what earlier attempts cost), release ``owner``'s
-        claim on ``key``, settle the batch request that answered it, and commit now; a failure never replaces
-        a stored success."""
+        claim on ``key``, settle the batch request that answered it, and commit now, with every reply kept in
+        ``unwritten``; a failure never replaces a stored success. CacheUnavailable when the file cannot take
+        them: they stay in ``unwritten``."""
         values = (key, teacher, result.text, result.error, result.input_tokens, result.output_tokens,
                   result.latency_s, result.attempts, result.finish_reason, time.time(), cost_usd)
+        kept = self.unwritten.get(key)
+        if kept is not None:  # a result of this key not written yet: a success stays, a failure's cost adds up
+            earlier = kept[0]
+            values = earlier if earlier[2] is not None else (*values[:-1], earlier[-1] + cost_usd)
+        self.unwritten[key] = (values, owner, result.batch)
+        self._write_kept()
+
+    def flush(self, *, patient: bool = True) -> None:
+        """Write the replies kept in ``unwritten``, waiting for another process's lock up to CACHE_WAIT_S
+        (``patient``) or TROUBLE_WAIT_S; CacheUnavailable, and they stay kept, when the file cannot take them."""
+        if self.unwritten:
+            with self._lock:
+                self._set_wait(CACHE_WAIT_S if patient else TROUBLE_WAIT_S)
+            self._write_kept()
+
+    def _write_kept(self) -> None:
         with self._transaction():
-            self._db.execute(
-                f"INSERT INTO calls (key, teacher, {_COLUMNS}, created, cost_usd) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT(key) DO UPDATE SET teacher=excluded.teacher, text=excluded.text, error=excluded.error, "
-                "input_tokens=excluded.input_tokens, output_tokens=excluded.output_tokens, "
-                "latency_s=excluded.latency_s, attempts=excluded.attempts, finish_reason=excluded.finish_reason, "
-                "created=excluded.created, cost_usd=COALESCE(calls.cost_usd, 0) + excluded.cost_usd "
-                "WHERE calls.text IS NULL",
-                values,
-            )
-            self._db.execute("DELETE FROM claims WHERE key=? AND owner=?", (key, owner))
-            if result.batch is not None:
-                self._db.execute("UPDATE batch_requests SET settled=1 WHERE key=? AND input_file_id=?",
-                                 (key, result.batch))
+            for values, owner, batch in self.unwritten.values():
+                self._write(values, owner, batch)
+        self.unwritten.clear()
+
+    def _write(self, values: tuple, owner: str, batch: str | None) -> None:
+        key = values[0]
+        self._db.execute(
+            f"INSERT INTO calls (key, teacher, {_COLUMNS}, created, cost_usd) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(key) DO UPDATE SET teacher=excluded.teacher, text=excluded.text, error=excluded.error, "
+            "input_tokens=excluded.input_tokens, output_tokens=excluded.output_tokens, "
+            "latency_s=excluded.latency_s, attempts=excluded.attempts, finish_reason=excluded.finish_reason, "
+            "created=excluded.created, cost_usd=COALESCE(calls.cost_usd, 0) + excluded.cost_usd "
+            "WHERE calls.text IS NULL",
+            values,
+        )
+        self._db.execute("DELETE FROM claims WHERE key=? AND owner=?", (key, owner))
+        if batch is not None:
+            self._db.execute("UPDATE batch_requests SET settled=1 WHERE key=? AND input_file_id=?", (key, batch))
 
     # -- batches ---------------------------------------------------------------------------------
 
@@ -365,14 +490,14 @@ class CallCache:
     def spent_usd(self) -> float:
         """What every call recorded in this cache cost, over all runs and processes."""
         with self._access():
-            return self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM calls").fetchone()[0]
+            return self._db.execute(f"SELECT COALESCE(SUM({_finite('cost_usd')}), 0) FROM calls").fetchone()[0]
 
     def _committed_usd(self, now: float) -> float:
         """Paid, plus what live claims and unsettled batch requests (within BATCH_RESERVE_S) hold."""
         return self._db.execute(
-            "SELECT (SELECT COALESCE(SUM(cost_usd), 0) FROM calls) + "
-            "(SELECT COALESCE(SUM(reserved_usd), 0) FROM claims WHERE expires>?) + "
-            "(SELECT COALESCE(SUM(r.reserved_usd), 0) FROM batch_requests r JOIN batches b "
+            f"SELECT (SELECT COALESCE(SUM({_finite('cost_usd')}), 0) FROM calls) + "
+            f"(SELECT COALESCE(SUM({_finite('reserved_usd')}), 0) FROM claims WHERE expires>?) + "
+            f"(SELECT COALESCE(SUM({_finite('r.reserved_usd')}), 0) FROM batch_requests r JOIN batches b "
             "ON r.input_file_id=b.input_file_id WHERE r.settled=0 AND b.created>?)",
             (now, now - BATCH_RESERVE_S)).fetchone()[0]
 
@@ -380,13 +505,15 @@ class CallCache:
     def _transaction(self) -> Iterator[None]:
         """One write transaction that other processes see whole (BEGIN IMMEDIATE takes the write lock first)."""
         with self._access():
+            self._same_file()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self._db.execute("COMMIT")
+            self._set_wait(CACHE_WAIT_S)
 
     def close(self) -> None:
         """Close the database (also checkpoints the WAL)."""

@@ -21,8 +21,9 @@ import statistics
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import TypeVar
 
 from rich.console import Console
@@ -33,7 +34,7 @@ from mapd.config import TeacherConfig
 from mapd.errors import IncompleteStage, MapdError
 from mapd.llm.base import Call, CallKey, CallResult
 from mapd.llm.batch import TERMINAL, BatchProvider
-from mapd.llm.cache import CallCache, cache_key
+from mapd.llm.cache import CacheUnavailable, CallCache, cache_key
 from mapd.llm.local_provider import LocalProvider
 from mapd.llm.openai_provider import CHARS_PER_TOKEN, Backoff, OpenAIProvider, approx_tokens
 from mapd.records import TeacherStats as TeacherStatsRecord
@@ -94,6 +95,20 @@ class Estimate:
     max_output_tokens: int = 0
     cost_usd: float = 0.0
 
+    def add(self, teacher: TeacherConfig, call: Call) -> None:
+        """Tally one call not yet made at its worst case: the reply uses all of ``max_tokens``."""
+        tokens, cost = _worst_case(teacher, call)
+        self.to_call += 1
+        self.input_tokens += tokens
+        self.max_output_tokens += teacher.max_tokens
+        self.cost_usd += cost
+
+
+def longest_reply(key: object, max_tokens: int) -> str:
+    """A stand-in reply as long as the longest one ``max_tokens`` allow (CHARS_PER_TOKEN characters a token):
+    what a dry run answers, so that the calls quoting it are estimated at their worst."""
+    return f"{key}: ".ljust(CHARS_PER_TOKEN * max_tokens, ".")
+
 
 def _worst_case(teacher: TeacherConfig, call: Call) -> tuple[int, float]:
     """(estimated input tokens, worst-case cost: the reply uses all of max_tokens, at batch prices for a batch
@@ -128,6 +143,10 @@ def _shutdown(runner: asyncio.Runner, providers: dict[str, OpenAIProvider]) -> N
         runner.close()
 
 
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
 class Dispatcher:
     """The one call path for the committee's (and local models') calls.
 
@@ -139,7 +158,10 @@ class Dispatcher:
     waited for, not made again. A teacher whose provider stopped (an error every call would get, or
     its circuit breaker) gets no more requests. A dry run calls nothing: an uncached call gets a
     stand-in reply of the longest possible length (so that follow-up calls are estimated at their
-    worst) and is tallied in ``estimated``.
+    worst) and is tallied in ``estimated``. ``starters`` (teacher -> a function that starts its server and
+    returns its base_url) start a served teacher before its first call that is not cached, so a rerun whose
+    calls are all cached starts no server. ``who`` names an endpoint's role in log lines where it is not a
+    teacher ("the student").
     """
 
     def __init__(
@@ -151,9 +173,14 @@ class Dispatcher:
         dry_run: bool = False,
         backoff: Backoff = Backoff(),
         identities: dict[str, str] | None = None,
+        starters: dict[str, Callable[[], str]] | None = None,
+        who: dict[str, str] | None = None,
     ) -> None:
         self.teachers = {teacher.name: teacher for teacher in teachers}
         self.identities = identities or {}  # model name -> the checkpoint behind it, part of its cache keys
+        self._starters = dict(starters or {})  # teacher -> starts its server: until then it has no client
+        self._who = who or {}  # name -> its role in log lines when not "teacher <name>" (the student)
+        self._starting: dict[str, asyncio.Lock] = {}
         self.cache = cache
         self.max_budget_usd = max_budget_usd
         self.dry_run = dry_run
@@ -162,6 +189,7 @@ class Dispatcher:
         self.estimated: dict[str, Estimate] = {}
         self.spent_usd = 0.0  # by this process
         self.budget_reached = False
+        self.cache_problem: CacheUnavailable | None = None  # the cache could not be written: no new calls
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # names this process's claims
         self._local = {name: LocalProvider(t) for name, t in self.teachers.items() if t.provider == "local"}
         self._http: dict[str, OpenAIProvider] = {}  # made inside the loop, kept until close()
@@ -218,19 +246,23 @@ class Dispatcher:
     async def _drive(self, work: Awaitable[T], desc: str | None) -> T:
         for name in self.teachers:  # every client before the first request
             self._slots.setdefault(name, asyncio.Semaphore(self.teachers[name].max_concurrency))
-            if not self.dry_run and name not in self._local:
+            if not self.dry_run and name not in self._local and name not in self._starters:
                 self._provider(name)
         self._busy = {}
         self._bar = None if desc is None else tqdm(total=0, desc=desc, unit="call")
         heartbeat = asyncio.ensure_future(self._keep_claims())
         try:
             with self._bar or contextlib.nullcontext():
-                return await work
+                done = await work
+            self._flush(patient=True)  # the paid replies the cache could not take yet: one more bounded wait
+            return done
         finally:  # also on an error or an interrupt: nothing of this run outlives it on the dispatcher's loop
             self._bar = None
             heartbeat.cancel()
             await _cancel_the_rest()
-            self.cache.release(self.owner)
+            self._flush(patient=False)  # (also on an interrupt: no long wait then)
+            with contextlib.suppress(CacheUnavailable):  # (the claims expire by themselves)
+                self.cache.release(self.owner)
             for batches in self._batches.values():
                 batches.forget()
             for name, (first, last) in self._busy.items():
@@ -240,7 +272,21 @@ class Dispatcher:
         """Renew this process's claims while it lives; a killed process's claims expire after CLAIM_LEASE_S."""
         while True:
             await asyncio.sleep(CLAIM_LEASE_S / 3)
-            self.cache.renew(self.owner, CLAIM_LEASE_S)
+            with contextlib.suppress(CacheUnavailable):  # the next renewal tries again; a write says why it failed
+                self.cache.renew(self.owner, CLAIM_LEASE_S)
+
+    def _flush(self, *, patient: bool) -> None:
+        """Write the paid replies the cache could not take yet; still unwritable: noted, they stay in memory."""
+        try:
+            self.cache.flush(patient=patient)
+        except CacheUnavailable as exc:
+            self._cache_trouble(exc)
+
+    def _cache_trouble(self, exc: CacheUnavailable) -> None:
+        """The cache cannot be written: no new call starts (the calls in flight finish, their replies kept)."""
+        if self.cache_problem is None:
+            self.cache_problem = exc
+            log.error("%s; no new calls, the replies in flight are kept and written when it can take them", exc)
 
     # -- the call path --------------------------------------------------------------------------
 
@@ -258,7 +304,11 @@ class Dispatcher:
         try:
             if key in self._in_flight:  # an identical call is being made: share its reply
                 return (await asyncio.shield(self._in_flight[key])).of(call.key)
-            hit = self.cache.get(key)
+            try:
+                hit = self.cache.get(key)
+            except CacheUnavailable as exc:  # (then the claim is refused too: the call is not made)
+                self._cache_trouble(exc)
+                hit = None
             if hit is not None:
                 self.stats[name].cache_hits += 1
                 if self.dry_run:  # a call asked (and already paid for): counted, not to call
@@ -279,11 +329,15 @@ class Dispatcher:
         name = teacher.name
         self._working += 1  # a call waiting for its batch is not worked on: then batches may go out
         try:
-            pending = None if name in self._local else self.cache.pending_batch(key)
+            try:
+                pending = None if name in self._local else self.cache.pending_batch(key)
+            except CacheUnavailable:  # the claim says so
+                pending = None
             if pending is not None:
                 with self._idle(True):
                     result = await self._batch(name).complete(call, key, pending)
             else:
+                await self._start(name)
                 async with self._slot(teacher):
                     result = await self._not_made_or_claimed(teacher, call, key)
                     if result is None:  # claimed: this process makes the call
@@ -319,7 +373,13 @@ class Dispatcher:
         stopped = None if teacher.name in self._local else self._provider(teacher.name).stopped
         if stopped or self.budget_reached:
             return self._not_made(teacher, call, f"TeacherStopped: {stopped}" if stopped else BUDGET_ERROR)
-        return await self._claim(teacher, call, key, counted)  # as the call starts: one waiting for a slot holds no budget
+        problem = self.cache_problem
+        if problem is None:
+            try:  # as the call starts: one waiting for a slot holds no budget
+                return await self._claim(teacher, call, key, counted)
+            except CacheUnavailable as exc:
+                self._cache_trouble(problem := exc)
+        return self._not_made(teacher, call, f"CacheUnavailable: the call cache is {problem.condition}")
 
     async def _claim(self, teacher: TeacherConfig, call: Call, key: str, counted: bool = True) -> CallResult | None:
         """None once this process holds the call; otherwise its answer: another process's reply, or not made.
@@ -366,7 +426,10 @@ class Dispatcher:
 
     def _record(self, teacher: TeacherConfig, key: str, result: CallResult) -> None:
         spent = teacher.cost(result.input_tokens, result.output_tokens, batch=result.batch is not None)
-        self.cache.put(key, result, teacher.name, spent, self.owner)
+        try:
+            self.cache.put(key, result, teacher.name, spent, self.owner)
+        except CacheUnavailable as exc:  # paid: kept in memory (cache.unwritten), its result goes to the stage
+            self._cache_trouble(exc)
         stats = self.stats[teacher.name]
         if result.batch is not None:
             stats.batch_calls += 1
@@ -381,6 +444,10 @@ class Dispatcher:
         stats.latencies.append(result.latency_s)
         stats.cost_usd += spent
         self.spent_usd += spent
+        log.debug("call %s: teacher %s, %s, %d attempt(s), %.2f s, %d input + %d output tokens%s", result.key,
+                  teacher.name, "ok" if result.text is not None else f"failed ({result.error})", result.attempts,
+                  result.latency_s, result.input_tokens, result.output_tokens,
+                  f", batch {result.batch}" if result.batch is not None else "")
         provider = self._http.get(teacher.name)
         if result.text is None and not (provider and provider.stopped):  # a stopped teacher said so once
             log.warning("%s failed: %s", result.key, result.error)
@@ -402,13 +469,8 @@ class Dispatcher:
         row.calls += 1
         if key not in self._estimated_keys:
             self._estimated_keys.add(key)
-            tokens, cost = _worst_case(teacher, call)
-            row.to_call += 1
-            row.input_tokens += tokens
-            row.max_output_tokens += teacher.max_tokens
-            row.cost_usd += cost
-        text = f"{call.key}: ".ljust(CHARS_PER_TOKEN * teacher.max_tokens, ".")
-        return CallResult(call.key, text, dry_run=True, attempts=0)
+            row.add(teacher, call)
+        return CallResult(call.key, longest_reply(call.key, teacher.max_tokens), dry_run=True, attempts=0)
 
     def _started(self, name: str) -> None:
         self._busy.setdefault(name, [time.perf_counter()] * 2)
@@ -430,11 +492,27 @@ class Dispatcher:
                 reserve=lambda call: _worst_case(teacher, call)[1], on_status=status, slots=self._slots[name])
         return self._batches[name]
 
+    async def _start(self, name: str) -> None:
+        """Start the teacher's server (its starter, in a thread: the other teachers' calls go on) if it waits
+        to be started; once, however many calls ask at the same moment."""
+        if name not in self._starters:
+            return
+        async with self._starting.setdefault(name, asyncio.Lock()):
+            if name in self._starters:  # (not started by a call that held the lock before this one)
+                try:
+                    base_url = await asyncio.to_thread(self._starters[name])
+                except Exception as exc:  # the calls waiting here fail the same way, without another start
+                    self._starters[name] = partial(_raise, exc)
+                    raise
+                self.teachers[name] = self.teachers[name].model_copy(update={"base_url": base_url})
+                del self._starters[name]  # only now: until then every call waits here
+
     def _provider(self, name: str) -> OpenAIProvider:
         """The teacher's HTTP client, made on first use and kept until ``close()``."""
         if name not in self._http:
             teacher = self.teachers[name]
-            self._http[name] = OpenAIProvider(teacher, api_key(teacher.api_key_env, teacher.name), self.backoff)
+            self._http[name] = OpenAIProvider(teacher, api_key(teacher.api_key_env, teacher.name), self.backoff,
+                                              who=self._who.get(name))
         return self._http[name]
 
     # -- reporting ------------------------------------------------------------------------------
@@ -448,13 +526,22 @@ class Dispatcher:
         return {name: stats.summary() for name, stats in self.stats.items()}
 
     def batch_table(self) -> str:
-        """Every batch recorded in the cache, the running ones asked for their state first, as a printable table."""
+        """Every batch recorded in the cache, the running ones asked for their state first (one bounded attempt
+        each; an endpoint that does not answer is asked once, and its batches' states are marked last known), as a
+        printable table."""
+        stale: dict[str, str] = {}  # input file -> why its state is the last known
+
         async def refresh() -> None:
+            down: dict[str, str] = {}  # teacher -> why its endpoint did not answer
             for row in self.cache.batches():
                 name = row["teacher"]
                 teacher = self.teachers.get(name)
-                if row["batch_id"] and row["status"] not in TERMINAL and teacher and teacher.provider == "openai":
-                    await self._batch(name).refresh(row["input_file_id"])
+                if not row["batch_id"] or row["status"] in TERMINAL:
+                    continue
+                if not teacher or teacher.provider != "openai":
+                    stale[row["input_file_id"]] = f"teacher {name} has no endpoint in this config"
+                elif problem := down.get(name) or await self._batch(name).refresh(row["input_file_id"]):
+                    stale[row["input_file_id"]] = down[name] = problem
 
         self.run(refresh(), desc=None)
         columns = ("teacher", "batch_id", "status", "requests", "completed", "failed", "unsettled", "created", "error")
@@ -463,8 +550,12 @@ class Dispatcher:
             table.add_column(column.replace("_", " "), justify="right" if column in columns[3:7] else "left")
         for row in self.cache.batches():
             row["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))
+            if row["input_file_id"] in stale:
+                row["status"] += " *"
             table.add_row(*("-" if row[c] is None else str(row[c]) for c in columns))
-        return _render(table)
+        note = "".join(f"* the last known state (as of its last poll), not asked now: {why}\n"
+                       for why in dict.fromkeys(stale.values()))
+        return _render(table) + note
 
     def summary_table(self) -> str:
         """The summary as a printable table."""

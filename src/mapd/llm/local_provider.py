@@ -8,13 +8,11 @@ thread, so the event loop keeps serving the HTTP teachers. Each result carries i
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
-import zlib
 
 from mapd.config import TeacherConfig
-from mapd.generation import generate, generation_device, load_model
+from mapd.generation import generate, generation_device, key_seed, load_model
 from mapd.llm.base import Call, CallResult
 
 
@@ -79,18 +77,19 @@ class LocalProvider:
             return self._loaded
 
     def _generate(self, calls: list[Call]) -> list[CallResult]:
-        """One batch, seeded from its prompts and sample index (the same batch samples the same texts).
+        """One batch, each call sampled with the seed its key names (a call samples the same text whichever
+        batch it lands in, so records do not depend on the machine's timing).
 
         A generation error (e.g. out of memory) fails the batch's calls; a model that cannot load raises."""
         teacher = self.teacher
         model, tokenizer = self._model()
-        prompts = sorted(json.dumps(call.messages, sort_keys=True) for call in calls)
-        seed = zlib.crc32("\n".join(prompts).encode()) + calls[0].key.sample
+        seeds = [key_seed(call.key.stage, call.key.id, call.key.teacher, call.key.reviewer, call.key.sample)
+                 for call in calls]
         began = time.perf_counter()
         try:
             generations = generate(
                 model, tokenizer, [call.messages for call in calls], max_new_tokens=teacher.max_tokens,
-                temperature=teacher.temperature, top_p=teacher.top_p, batch_size=len(calls), seed=seed,
+                temperature=teacher.temperature, top_p=teacher.top_p, batch_size=len(calls), seeds=seeds,
             )
         except RuntimeError as exc:  # torch reports out-of-memory and device errors as RuntimeError
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -61,6 +61,7 @@ class TeacherStopped(Exception):
 STOPS_TEACHER = (401, 403, 404)
 _UNKNOWN_MODEL = re.compile(r"model\b.{0,100}?(?:not (?:be )?found|does not exist|unknown|not supported)", re.I | re.S)
 USAGE_LIMIT = 10_000_000  # token counts above this are not believed
+MAX_CHARS_PER_TOKEN = 32  # nor counts below the text's length / this: no tokenizer packs that much text a token
 
 
 def request_body(teacher: TeacherConfig, messages: list[dict[str, str]]) -> dict:
@@ -122,8 +123,10 @@ class OpenAIProvider:
     """Calls one OpenAI-compatible teacher. Create it inside the event loop that uses it, and keep it
     for many calls: a new client's first requests pay for opening its connections."""
 
-    def __init__(self, teacher: TeacherConfig, api_key: str, backoff: Backoff = Backoff()) -> None:
+    def __init__(self, teacher: TeacherConfig, api_key: str, backoff: Backoff = Backoff(), *,
+                 who: str | None = None) -> None:
         self.teacher = teacher
+        self.who = who or f"teacher {teacher.name}"  # how log lines name the endpoint's role, e.g. "the student"
         # user:password@ -> a Basic header; base_url's query and query_env -> every request's query;
         # headers_env -> headers. Every credential value is redacted from whatever leaves the provider.
         where = endpoint(teacher, api_key)  # MapdError naming an unset variable
@@ -215,7 +218,7 @@ class OpenAIProvider:
         if self.stopped is None:
             self.stopped = reason
             self._stop_event.set()
-            log.error("teacher %s stopped: %s", self.teacher.name, reason)
+            log.error("%s stopped: %s", self.who, reason)
 
     async def _sleep(self, seconds: float) -> None:
         """Wait before a retry, unless the teacher is stopped meanwhile."""
@@ -264,13 +267,16 @@ class OpenAIProvider:
     def _usage(self, reply: dict, messages: list[dict[str, str]], text: str) -> dict:
         """``input_tokens``, ``output_tokens`` and ``usage_estimated``: the reply's usage where it is believable, else an
         estimate from the text (~4 characters a token). Missing, null, non-integer, negative or absurd counts
-        never abort the call and never make it cheaper than the text it brought."""
+        (above USAGE_LIMIT, or below the text's length / MAX_CHARS_PER_TOKEN: 0 tokens for real text) never abort
+        the call and never make it cheaper than the text it brought."""
         usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
         estimates = (approx_tokens(messages), len(text) // CHARS_PER_TOKEN + 1)
+        lengths = (sum(len(str(message.get("content", ""))) for message in messages), len(text))
         counts, estimated = [], False
-        for name, estimate in zip(("prompt_tokens", "completion_tokens"), estimates):
+        for name, estimate, length in zip(("prompt_tokens", "completion_tokens"), estimates, lengths):
             value = usage.get(name)
-            believable = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= USAGE_LIMIT
+            believable = (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= USAGE_LIMIT
+                          and value * MAX_CHARS_PER_TOKEN >= length)  # 0 tokens for real text: not believed
             counts.append(value if believable else estimate)
             estimated = estimated or not believable
         return {"input_tokens": counts[0], "output_tokens": counts[1], "usage_estimated": estimated}
@@ -281,7 +287,7 @@ class OpenAIProvider:
         await limiter.acquire(amount)
         waited = time.perf_counter() - began
         if waited >= 1:
-            log.info("teacher %s: waited %.1f s for its %s limit", self.teacher.name, waited, limit)
+            log.info("%s: waited %.1f s for its %s limit", self.who, waited, limit)
 
     def _wait(self, state: RetryCallState) -> float:
         asked = retry_after_s(state.outcome.exception() if state.outcome else None)
@@ -294,8 +300,8 @@ class OpenAIProvider:
         asked = retry_after_s(exc)
         capped = f" (the server asked for {asked:.0f} s)" if asked is not None and asked > self._backoff.retry_after_max_s else ""
         log.info(
-            "teacher %s: %s; retry %d/%d in %.1f s%s",
-            self.teacher.name, self.describe(exc)[:200], state.attempt_number, self.teacher.max_retries,
+            "%s: %s; retry %d/%d in %.1f s%s",
+            self.who, self.describe(exc)[:200], state.attempt_number, self.teacher.max_retries,
             state.next_action.sleep if state.next_action else 0.0, capped,
         )
 

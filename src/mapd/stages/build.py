@@ -23,6 +23,7 @@ from contextlib import nullcontext
 
 from mapd.config import BUILD_MODES, BuildConfig, PromptConfig, TaskConfig
 from mapd.errors import MapdError
+from mapd.log import say
 from mapd.io import check_folder, folder_lock, read_jsonl_lines
 from mapd.layout import RoundLayout
 from mapd.prompts import answer_messages, feedback_messages
@@ -143,7 +144,7 @@ def run_build(folder: RoundLayout, *, task: TaskConfig | None, build: BuildConfi
     check_folder(folder.dir, [folder.train])
     with folder_lock(folder.dir) if lock else nullcontext():  # every input read and checked: now write
         write_records(folder.train, pairs)
-    print(
+    say(
         f"build {build.mode}: {counts['pairs']['feedback']} feedback + {counts['pairs']['rationale']} rationale pairs "
         f"from {counts['mistakes_used']}/{counts['mistakes']} mistakes (dropped: {counts['dropped_no_feedback']} "
         f"without feedback, {counts['dropped_no_rationale']} without a usable rationale) -> {folder.train}"

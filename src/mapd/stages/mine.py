@@ -11,6 +11,7 @@ from mapd.config import PromptConfig, StudentConfig, TaskConfig
 from mapd.evaluate import predict_split, warn_if_cut_off
 from mapd.io import check_folder, folder_lock
 from mapd.layout import RoundLayout
+from mapd.log import say
 from mapd.models import resolve_model
 from mapd.records import Mistake, Prediction, write_records
 from mapd.tasks import get_task
@@ -49,8 +50,8 @@ def run_mine(folder: RoundLayout, *, task: TaskConfig, student: StudentConfig, p
     n = len(predictions)
     summary = {"n": n, "correct": n - len(mistakes), "wrong": status["wrong"], "unparsed": status["unparsed"],
                "truncated": status["truncated"], "accuracy": (n - len(mistakes)) / n, "seconds": round(seconds, 2)}
-    print(f"mine {task.name}/{task.train_split}: accuracy {summary['accuracy']:.1%} on {n} questions, "
-          f"{status['wrong']} wrong, {status['unparsed']} unparsed, {status['truncated']} cut off before an answer "
-          f"-> {folder.mistakes}")
+    say(f"mine {task.name}/{task.train_split}: accuracy {summary['accuracy']:.1%} on {n} questions, "
+        f"{status['wrong']} wrong, {status['unparsed']} unparsed, {status['truncated']} cut off before an answer "
+        f"-> {folder.mistakes}")
     warn_if_cut_off(predictions, student.max_new_tokens)
     return summary

@@ -69,12 +69,22 @@ def reviewers(teacher: str, committee: list[str], config: ReviewConfig) -> list[
     return [other for other in committee if other != teacher][: config.max_reviewers]
 
 
+def own_answer(text: str, answer_kind: str, cut_off: bool | None) -> str | None:
+    """A rationale's own final answer (a text cut off at its token limit commits only explicitly)."""
+    return extract(text, answer_kind, complete=None if cut_off is None else not cut_off).answer
+
+
+def needs_review(text: str, *, gold: str, answer_kind: str, config: ReviewConfig, cut_off: bool | None) -> bool:
+    """Whether peer review can still accept this rationale: with ``require_gold_answer`` one whose own answer is
+    not the gold is rejected whatever its scores, so its reviews are not asked for (and not paid)."""
+    return not config.require_gold_answer or is_correct(own_answer(text, answer_kind, cut_off), gold, answer_kind)
+
+
 def judged(mistake_id: str, teacher: str, text: str | None, error: str | None, reviews: list[Review], *,
            gold: str, answer_kind: str, config: ReviewConfig, cut_off: bool | None = None) -> Rationale:
     """A rationale record: its own extracted answer (a text cut off at its token limit commits only
     explicitly), its reviews, their aggregate and the verdict. A failed rationale (no text) is never accepted."""
-    complete = None if cut_off is None else not cut_off
-    answer = None if text is None else extract(text, answer_kind, complete=complete).answer
+    answer = None if text is None else own_answer(text, answer_kind, cut_off)
     mean_score, accepted = accept([review.score for review in reviews], config)
     if config.require_gold_answer:
         accepted = accepted and is_correct(answer, gold, answer_kind)

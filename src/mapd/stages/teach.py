@@ -12,20 +12,23 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
+from functools import partial
 from pathlib import Path
 
 from mapd.config import PromptConfig, ReviewConfig, TaskConfig, TeacherConfig
 from mapd.errors import IncompleteStage, MapdError
+from mapd.log import say
 from mapd.io import check_folder, folder_lock
-from mapd.layout import RoundLayout
+from mapd.layout import RoundLayout, RunLayout
 from mapd.llm import BudgetExceeded, Call, CallCache, CallKey, Dispatcher
 from mapd.llm.cache import check_cache_path
 from mapd.models import check_local_teachers, checkpoint_identity
 from mapd.prompts import answer_messages, feedback_messages, review_messages
 from mapd.records import Feedback, Mistake, Rationale, Review, TeachStats, read_mistakes, write_document, write_records
 from mapd.secrets import check_credentials
-from mapd.stages.review import check_committee, judged, parse_score, reviewers
+from mapd.stages.review import check_committee, judged, needs_review, parse_score, reviewers
 from mapd.tasks import get_task
 from mapd.tasks.base import check_mistakes
 
@@ -54,9 +57,11 @@ class Committee:
     async def rationale(self, mistake: Mistake, teacher: str) -> Rationale:
         messages = answer_messages(self.prompts, mistake.question, self.answer_kind)
         result = await self.dispatcher.complete(Call(CallKey("rationale", mistake.id, teacher), messages))
-        reviews = [] if result.text is None else await asyncio.gather(
-            *(self.peer_review(mistake, teacher, result.text, reviewer)
-              for reviewer in reviewers(teacher, self.committee, self.review)))
+        reviewed = result.text is not None and needs_review(
+            result.text, gold=mistake.gold, answer_kind=self.answer_kind, config=self.review, cut_off=result.cut_off)
+        reviews = await asyncio.gather(*(self.peer_review(mistake, teacher, result.text, reviewer)
+                                         for reviewer in reviewers(teacher, self.committee, self.review))
+                                       ) if reviewed else []
         return judged(mistake.id, teacher, result.text, result.error, list(reviews), gold=mistake.gold,
                       answer_kind=self.answer_kind, config=self.review, cut_off=result.cut_off)
 
@@ -81,10 +86,10 @@ def teach(mistakes: list[Mistake], dispatcher: Dispatcher, *, committee: list[st
 
 
 def _print_estimate(dispatcher: Dispatcher) -> None:
-    print("dry run: nothing was called or written; calls still to make (cached ones excluded):")
+    say("dry run: nothing was called or written; calls still to make (cached ones excluded):")
     for name, row in dispatcher.estimated.items():
-        print(f"  {name}: {row.to_call} calls, ~{row.input_tokens:,} input tokens, "
-              f"at most {row.max_output_tokens:,} output tokens, at most {row.cost_usd:.4f} USD")
+        say(f"  {name}: {row.to_call} calls, ~{row.input_tokens:,} input tokens, "
+            f"at most {row.max_output_tokens:,} output tokens, at most {row.cost_usd:.4f} USD")
 
 
 def _acceptance_line(feedback: list[Feedback], rationales: list[Rationale]) -> str:
@@ -106,7 +111,7 @@ def run_teach(folder: RoundLayout, *, task: TaskConfig, teachers: list[TeacherCo
     answer_kind = get_task(task).answer_kind
     mistakes = read_mistakes(folder.mistakes)
     check_mistakes(folder.mistakes, mistakes, answer_kind, task.name)
-    check_local_teachers(teachers)
+    check_local_teachers(teachers, assemble=not dry_run)  # a dry run loads no model: it writes nothing
     cache_file = _cache_file(folder, cache_path)
     if not dry_run:
         check_folder(folder.dir, [folder.feedback, folder.rationales, folder.teach_stats])
@@ -124,31 +129,38 @@ def _cache_file(folder: RoundLayout, cache_path: str | None) -> Path:
 
 def run_batch_status(folder: RoundLayout, *, teachers: list[TeacherConfig], cache_path: str | None) -> None:
     """Print the batches recorded in the teach call cache, the running ones asked for their state first
-    (``mapd teach --batch-status``; needs no lock, so it works while the teach run polls)."""
-    cache_file = _cache_file(folder, cache_path)
+    (``mapd teach --batch-status``; needs no lock, so it works while the teach run polls). The cache is
+    ``cache_path``, else that of the ``mapd run`` folder ``folder`` is (or is a round of), else the round's own."""
+    runs = [RunLayout(path) for path in (folder.dir, folder.dir.parent)]
+    run = next((run for run in runs if run.manifest.is_file()), None)
+    cache_file = _cache_file(folder, cache_path or (run and str(run.cache)))
     if not cache_file.exists():
         raise MapdError(f"{cache_file}: no call cache yet, so no batch was submitted")
     with CallCache(cache_file) as cache, Dispatcher(teachers, cache) as dispatcher:
-        print(dispatcher.batch_table())
+        say(dispatcher.batch_table())
 
 
-def _served_teachers(teachers: list[TeacherConfig], folder: RoundLayout,
-                     stack: ExitStack) -> tuple[list[TeacherConfig], dict[str, str]]:
-    """The committee with every ``serve:`` teacher started (stopped when ``stack`` closes) and pointed at its
-    server, and the checkpoint identities that key those teachers' calls in the cache."""
-    ready, identities = [], {}
+def _served_teachers(teachers: list[TeacherConfig], folder: RoundLayout, stack: ExitStack
+                     ) -> tuple[list[TeacherConfig], dict[str, str], dict[str, Callable[[], str]]]:
+    """The committee with every ``serve:`` teacher pointed at the server it would start (its model the name
+    requests carry, known before it starts), the checkpoint identities that key those teachers' calls in the
+    cache, and for each a starter: it starts the server (stopped when ``stack`` closes) and returns its
+    base_url. The dispatcher calls it before the teacher's first call that is not cached."""
+    from mapd.serve import NOT_STARTED, servable, served, served_model_name
+
+    ready, identities, starters = [], {}, {}
     for teacher in teachers:
         if teacher.serve:
-            from mapd.serve import servable, served
-
             model = servable(teacher.model, teacher.gguf_file)
-            server = stack.enter_context(served(teacher.serve, model, name=teacher.name,
-                                                log_path=folder.dir / f"server-{teacher.name}.log"))
+            context = partial(served, teacher.serve, model, name=teacher.name, host=teacher.host,
+                              ready_timeout_s=teacher.ready_timeout_s,
+                              log_path=folder.dir / f"server-{teacher.name}.log")
+            starters[teacher.name] = lambda context=context: stack.enter_context(context()).base_url
             identities[teacher.name] = checkpoint_identity(teacher.model, teacher.gguf_file)
-            teacher = teacher.model_copy(update={"base_url": server.base_url, "model": server.model_name,
-                                                 "serve": None, "gguf_file": None})
+            teacher = teacher.model_copy(update={"base_url": NOT_STARTED, "serve": None, "gguf_file": None,
+                                                 "model": served_model_name(teacher.serve, model, teacher.name)})
         ready.append(teacher)
-    return ready, identities
+    return ready, identities, starters
 
 
 def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list[str], answer_kind: str,
@@ -159,22 +171,22 @@ def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list
         if dry_run and not cache_file.exists():  # nothing cached yet, and a dry run leaves no file behind
             cache_file = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "cache.sqlite"
         cache = stack.enter_context(CallCache(cache_file))
-        teachers, identities = (teachers, {}) if dry_run else _served_teachers(teachers, folder, stack)
+        teachers, identities, starters = (teachers, {}, {}) if dry_run else _served_teachers(teachers, folder, stack)
         dispatcher = stack.enter_context(Dispatcher(teachers, cache, max_budget_usd=max_budget_usd, dry_run=dry_run,
-                                                    identities=identities))
+                                                    identities=identities, starters=starters))
         try:
             feedback, rationales = teach(mistakes, dispatcher, committee=committee, prompts=prompts, review=review,
                                          answer_kind=answer_kind)
         finally:  # also when the budget stops the run: what was spent
             if not dry_run:
-                print(dispatcher.summary_table())
+                say(dispatcher.summary_table())
     if dry_run:
         _print_estimate(dispatcher)
         return {"dry_run": {name: vars(row) for name, row in dispatcher.estimated.items()}}
     write_records(folder.feedback, feedback)
     write_records(folder.rationales, rationales)
     write_document(folder.teach_stats, TeachStats(dispatcher.summary()))
-    print(_acceptance_line(feedback, rationales))
+    say(_acceptance_line(feedback, rationales))
     _raise_if_incomplete(feedback, rationales, dispatcher)
     return {
         "mistakes": len(mistakes),
@@ -196,6 +208,11 @@ def _raise_if_incomplete(feedback: list[Feedback], rationales: list[Rationale], 
     stopped = [f"{name} ({row.stopped})" for name, row in dispatcher.summary().items() if row.stopped]
     what = (f"{len(errors)} calls failed or were not made ({', '.join(f'{n} {k}' for k, n in kinds.most_common())})"
             + (f"; stopped teachers: {'; '.join(stopped)}" if stopped else ""))
+    if dispatcher.cache_problem is not None:
+        unwritten = len(dispatcher.cache.unwritten)
+        raise IncompleteStage(f"teach incomplete: {what}. {dispatcher.cache_problem}" + (
+            f" ({unwritten} paid replies are in the records but not in the cache: a rerun pays them again)"
+            if unwritten else ""))
     if dispatcher.budget_reached:
         raise BudgetExceeded(f"teacher budget max_budget_usd={dispatcher.max_budget_usd:g} reached: {what}. "
                              "The records are written; raise max_budget_usd and rerun to make the missing calls.")

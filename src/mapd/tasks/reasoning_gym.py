@@ -17,12 +17,18 @@ def make(config: TaskConfig, dataset: str) -> Task:
         raise MapdError(f"task reasoning_gym:{dataset}: answer_kind 'choice' needs options, which generated tasks lack")
     gold_text = number_text if kind == "number" else bool_text
 
+    def create(size: int, seed: int) -> list[dict]:
+        try:
+            return list(reasoning_gym.create_dataset(dataset, size=size, seed=seed, **config.options))
+        except Exception as exc:  # an unknown dataset, an unknown option (TypeError) or a bad value (assert)
+            detail = str(exc) or type(exc).__name__
+            raise MapdError(f"task reasoning_gym:{dataset}: {detail} (task.options: {config.options})") from exc
+
+    create(1, config.seed)  # the name and task.options are checked with the config, before anything runs
+
     def load(split: str) -> list[Example]:
         seed = config.seed if split == config.train_split else config.seed + 1
-        try:
-            items = reasoning_gym.create_dataset(dataset, size=config.size, seed=seed)
-        except Exception as exc:  # unknown dataset name or bad arguments
-            raise MapdError(f"task reasoning_gym:{dataset}: {exc}") from None
+        items = create(config.size, seed)
         return [
             Example(id=f"{split}-{index}", question=item["question"].strip(),
                     gold=gold_text(item["answer"], f"reasoning_gym:{dataset}[{split}] item {index}"))
