@@ -65,7 +65,7 @@ def gsm8k_sizes() -> tuple[dict, str]:
 
 def estimate(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """The rows of the table (one per stage, teach split per teacher) and the notes saying where inputs come from."""
-    from mapd.config import load_config
+    from mapd.config_file import load_config
     from mapd.llm.openai_provider import CHARS_PER_TOKEN
     from mapd.prompts import answer_messages, feedback_messages, review_messages
 

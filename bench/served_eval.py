@@ -87,8 +87,7 @@ def counting_dispatcher(calls: list[dict]):
 
     class Counting(Dispatcher):
         def __exit__(self, *exc):
-            calls.append({name: stats.summary().model_dump() if hasattr(stats.summary(), "model_dump")
-                          else stats.summary() for name, stats in self.stats.items()})
+            calls.append({name: stats.summary() for name, stats in self.stats.items()})
             return super().__exit__(*exc)
 
     return Counting

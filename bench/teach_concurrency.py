@@ -34,11 +34,13 @@ sys.path.insert(0, str(REPO))  # for tests.openai_server and tests.reliability_k
 from tests.openai_server import FakeOpenAIServer  # noqa: E402
 from tests.reliability_kit import COMMITTEE, FEEDBACK_MARK, REVIEW_MARK  # noqa: E402
 
-from mapd.config import RunConfig, TaskConfig, TeacherConfig, load_config  # noqa: E402
+from mapd.config import RunConfig, TaskConfig, TeacherConfig  # noqa: E402
+from mapd.config_file import load_config  # noqa: E402
 from mapd.io import read_jsonl, write_jsonl  # noqa: E402
 from mapd.prompts import answer_messages, feedback_messages, review_messages  # noqa: E402
 from mapd.records import read_mistakes  # noqa: E402
-from mapd.stages.review import parse_score, reviewers  # noqa: E402
+from mapd.review_score import parse_score  # noqa: E402
+from mapd.stages.review import reviewers  # noqa: E402
 
 class Stamps:
     """Reply function for the server that also notes when each reply is produced, and of what kind."""

@@ -501,3 +501,15 @@ def test_collection_questions_are_the_pipelines(shared) -> None:
         for row in collect.draw(task, "qwen", 96, 3):
             question, gold = collect.question_of(task, row)
             assert (question, gold) == (examples[str(row["id"])].question, examples[str(row["id"])].gold), task
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("Explanation: False. The Pope cannot marry.", "false"),
+    ("Reasoning: Yes, dolphins can swim.\nThey live in water", "true"),
+])
+def test_a_verdict_after_a_label_is_read_alike_in_a_complete_and_a_cut_text(text, answer):
+    """The yes/no verdict steps are written once (answers._explicit_verdict): a finished text and one that was
+    cut off read a label-led verdict ("Explanation: False. ...") the same way."""
+    assert extract(text, "bool").answer == answer
+    assert extract(text, "bool", complete=True).answer == answer
+    assert extract(text, "bool", complete=False).answer == answer

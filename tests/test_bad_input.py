@@ -18,7 +18,7 @@ import yaml
 from tests.reliability_kit import make_mistakes, teach_argv
 
 from mapd.cli import main
-from mapd.config import load_config
+from mapd.config_file import load_config
 from mapd.io import folder_lock
 from mapd.llm import CallCache, CallResult
 

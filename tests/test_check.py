@@ -11,7 +11,7 @@ import yaml
 
 from mapd.check import teaching_bound
 from mapd.cli import main
-from mapd.config import load_config
+from mapd.config_file import load_config
 from mapd.io import write_jsonl
 from tests.openai_server import FakeOpenAIServer, _send
 from tests.reliability_kit import KEY_ENV

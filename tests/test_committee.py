@@ -20,7 +20,8 @@ from mapd.io import read_jsonl, write_jsonl
 from mapd.layout import RoundLayout
 from mapd.llm import CallCache, Dispatcher
 from mapd.records import Feedback, Mistake, Rationale
-from mapd.stages.review import accept, check_committee, parse_score, reviewers
+from mapd.review_score import parse_score
+from mapd.stages.review import accept, check_committee, reviewers
 from mapd.stages.teach import teach
 
 pytestmark = pytest.mark.usefixtures("key")  # conftest: a key in $KEY_ENV for every test

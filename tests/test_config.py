@@ -4,7 +4,9 @@ import yaml
 import pytest
 
 from mapd.cli import main
-from mapd.config import RunConfig, default_config_yaml, embedded_default_config, load_config, parse_config, public_dump
+from mapd.config import RunConfig, default_config_yaml, parse_config
+from mapd.config_file import embedded_default_config, load_config
+from mapd.secrets import public_dump
 from mapd.errors import MapdError
 
 REPO_CONFIGS = ["configs/offline-default.yaml", "configs/paper-committee.yaml", "configs/vllm-committee.yaml",

@@ -18,7 +18,8 @@ from mapd.generation import Generation
 from mapd.llm import Call, CallCache, CallKey, CallResult, Dispatcher
 from mapd.prompts import answer_messages, feedback_messages, review_messages
 from mapd.records import Feedback, Mistake, Rationale, Review
-from mapd.stages.review import judged, parse_score, reviewers
+from mapd.review_score import parse_score
+from mapd.stages.review import judged, reviewers
 from mapd.stages.teach import Committee, teach
 
 
@@ -103,7 +104,7 @@ def test_followups_of_cached_calls_identical_calls_and_dry_runs(cache):
                                                        CallKey("after new", "new", "a")]
     # one call made; cache hits: "cached", and "new" asked once more after it was made (the "new" that joined
     # the identical call in flight is neither a call nor a hit)
-    assert dispatcher.summary()["a"].cache_hits == 2 and dispatcher.summary()["a"].calls == 1
+    assert dispatcher.summary()["a"]["cache_hits"] == 2 and dispatcher.summary()["a"]["calls"] == 1
     assert [new.cached, new_again.cached, new_third.cached] == [False, False, True]
 
 
@@ -143,10 +144,10 @@ def test_calls_in_flight_when_a_run_fails_do_not_outlive_it(cache):
 
         with pytest.raises(ValueError, match="the stage failed"):
             dispatcher.run(failing(), "test")
-        assert dispatcher._in_flight == {} and dispatcher.summary()["a"].calls == 0
+        assert dispatcher._in_flight == {} and dispatcher.summary()["a"]["calls"] == 0
         [result] = dispatcher.complete_all([ask("a", "q1")], "again").values()  # made anew, not the old request's
         assert result.text == "model-a read: q1" and not result.cached
-        assert dispatcher.summary()["a"].calls == 1 and server.requests == 4
+        assert dispatcher.summary()["a"]["calls"] == 1 and server.requests == 4
 
 
 def test_teach_pipelined_equals_the_two_step_teach(tmp_path, monkeypatch):

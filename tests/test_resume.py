@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from mapd.cli import main
-from mapd.config import RunConfig, config_changes, public_dump, result_fields
+from mapd.config import RunConfig, config_changes, result_fields
+from mapd.secrets import public_dump
 from mapd.errors import IncompleteStage
 from mapd.io import read_jsonl
 from tests.openai_server import FakeOpenAIServer

@@ -24,7 +24,8 @@ from tests.reliability_kit import COMMITTEE, CountingReply, write_teach_setup
 from tests.reliability_kit import teach_argv as kit_teach_argv
 
 from mapd.cli import main
-from mapd.config import RunConfig, TeacherConfig, public_dump
+from mapd.config import RunConfig, TeacherConfig
+from mapd.secrets import public_dump
 from mapd.errors import MapdError
 from mapd.io import read_jsonl
 from mapd.secrets import Redactor, api_key, endpoint, redact_url

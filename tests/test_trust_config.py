@@ -17,7 +17,8 @@ from tests.reliability_kit import KEY_ENV, CountingReply, teach_argv, teach_reco
 
 from mapd import config as config_module
 from mapd.cli import main
-from mapd.config import RunConfig, TeacherConfig, load_config, parse_config
+from mapd.config import RunConfig, TeacherConfig, parse_config
+from mapd.config_file import load_config
 from mapd.errors import MapdError
 from mapd.llm import Call, CallCache, CallKey, Dispatcher
 from mapd.llm.openai_provider import OpenAIProvider
@@ -159,7 +160,7 @@ def test_two_names_on_one_sampled_model_are_two_samples(tmp_path, key, temperatu
             results = dispatcher.complete_all(calls)
             stats = dispatcher.summary()
     assert server.requests == 5 * requests and len(results) == 10
-    assert sum(row.calls for row in stats.values()) == 5 * requests  # the statistics count what was made
+    assert sum(row["calls"] for row in stats.values()) == 5 * requests  # the statistics count what was made
 
 
 # -- usage ------------------------------------------------------------------------------------------

@@ -363,21 +363,7 @@ def _explicit(body: str, kind: str, options: list[str] | None) -> str | None:
         stated = [s for s in _sentences(body[: opener.start()]) if _numbers(s)] if opener else []
         return (_value_of(stated[-1], body) or None) if stated else None
     if kind == "bool":
-        lines = [line for line in body.split("\n")
-                 if line.strip() and not ASIDE_LINE.match(line) and not line.rstrip().endswith("?")]
-        clean = "\n".join(lines)
-        marked = _marked_verdicts(clean)
-        if marked:
-            return marked[0] if len(set(marked)) == 1 else None
-        for m in ANSWER_LABEL.finditer(clean):
-            value = _verdict(_first_clause(m.group("rest")))
-            if value:
-                return value
-        for line in lines:  # "No, ...", "False. ...", also after a label ("Explanation: False. ...")
-            m = VERDICT_LED.match(re.sub(r"^\s*[A-Za-z]+\s*:\s*", "", LIST_PREFIX.sub("", line)))
-            if m:
-                return "true" if m.group(1).lower() in ("true", "yes") else "false"
-        return None
+        return _explicit_verdict(_verdict_lines(body)) or None
     if _conflicting_letters(_marked_segments(body), options):
         return None
     return _letter_in(_marked_segments(_without_restated_lists(body)), options)
@@ -646,25 +632,38 @@ def _marked_verdicts(text: str) -> list[str]:
     return [v for v in (_verdict(_first_clause(rest)) for rest in _strong_segments(text)) if v]
 
 
-def _bool_answer(text: str) -> str | None:
-    lines = [line for line in text.split("\n")
-             if line.strip() and not ASIDE_LINE.match(line) and not line.rstrip().endswith("?")]
+def _verdict_lines(text: str) -> list[str]:
+    """The lines of ``text`` that may carry a verdict: not blank, not an aside, not a question."""
+    return [line for line in text.split("\n")
+            if line.strip() and not ASIDE_LINE.match(line) and not line.rstrip().endswith("?")]
+
+
+def _explicit_verdict(lines: list[str]) -> str | None:
+    """The explicit steps of a yes/no answer, for :func:`_explicit` and :func:`_bool_answer` alike: 1. "The
+    answer is false", "Final answer: yes", \\boxed{yes}: the last one ("" when they disagree); 2. "Answer:
+    False"; 3. a line that opens with its verdict ("False. The Pope ...", "No, ...", also after a label:
+    "Explanation: False. ..."). None when there is none."""
     body = "\n".join(lines)
-    # 1. "The answer is false", "Final answer: yes", \boxed{yes}: the last one, unless they disagree.
     marked = _marked_verdicts(body)
-    if len(set(marked)) > 1:
-        return None
     if marked:
-        return marked[0]
-    # 2. "Answer: False"; 3. a line that opens with its verdict ("False. The Pope ...", "No, ...").
+        return marked[0] if len(set(marked)) == 1 else ""
     for m in ANSWER_LABEL.finditer(body):
         value = _verdict(_first_clause(m.group("rest")))
         if value:
             return value
     for line in lines:
-        m = VERDICT_LED.match(LIST_PREFIX.sub("", line))
+        m = VERDICT_LED.match(re.sub(r"^\s*[A-Za-z]+\s*:\s*", "", LIST_PREFIX.sub("", line)))
         if m:
             return "true" if m.group(1).lower() in ("true", "yes") else "false"
+    return None
+
+
+def _bool_answer(text: str) -> str | None:
+    lines = _verdict_lines(text)
+    body = "\n".join(lines)
+    explicit = _explicit_verdict(lines)  # steps 1-3
+    if explicit is not None:
+        return explicit or None
     # 4. "I believe this is true", "the statement is not true": the last one.
     stated = list(STATEMENT_VERDICT.finditer(body))
     if stated:

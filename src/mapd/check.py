@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from unittest.mock import patch
 
-from mapd.config import RunConfig, TeacherConfig, embedded_default_config, load_config
+from mapd.config import RunConfig, TeacherConfig
+from mapd.config_file import embedded_default_config, load_config
 from mapd.errors import MapdError
 from mapd.llm.base import Call, CallResult
 from mapd.llm.dispatch import Estimate, longest_reply

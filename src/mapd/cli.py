@@ -16,7 +16,7 @@ from mapd.io import check_folder, folder_lock
 
 
 def _config(path: str | None):
-    from mapd.config import embedded_default_config, load_config
+    from mapd.config_file import embedded_default_config, load_config
 
     return load_config(path) if path else embedded_default_config()
 
@@ -28,16 +28,6 @@ def _task_config(args: argparse.Namespace):
     if getattr(args, "data", None):
         fields["path"] = args.data
     return TaskConfig(**fields)
-
-
-def _check_committee(config, path: str) -> None:
-    """The committee's checks (mapd.stages.review.check_committee), their errors naming the config file."""
-    from mapd.stages.review import check_committee
-
-    try:
-        check_committee([teacher.name for teacher in config.teachers], config.review)
-    except MapdError as exc:
-        raise MapdError(f"{path}: {exc}") from None
 
 
 def _stage(run, folder, config, **extra) -> None:
@@ -82,6 +72,7 @@ def cmd_mine(args: argparse.Namespace) -> None:
 
 def cmd_teach(args: argparse.Namespace) -> None:
     from mapd.layout import RoundLayout
+    from mapd.stages.review import check_committee
     from mapd.stages.teach import run_batch_status, run_teach
 
     if not (args.dry_run or args.batch_status):  # these write nothing, not even the folder
@@ -89,7 +80,7 @@ def cmd_teach(args: argparse.Namespace) -> None:
     if not (args.mistakes or args.batch_status):
         raise MapdError("teach: --mistakes is required (only --batch-status needs none)")
     config = _config(args.config)
-    _check_committee(config, args.config)
+    check_committee([teacher.name for teacher in config.teachers], config.review, args.config)
     folder = RoundLayout(Path(args.out), mistakes_file=args.mistakes and Path(args.mistakes))
     if args.batch_status:
         return _stage(run_batch_status, folder, config)
@@ -159,7 +150,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from mapd.config import EMBEDDED_DEFAULT, RunConfig, default_config_yaml, load_config
+    from mapd.config import EMBEDDED_DEFAULT, RunConfig, default_config_yaml
+    from mapd.config_file import load_config
 
     # the YAML is the command's product (``mapd config > my.yaml``): printed as is, not logged
     path = EMBEDDED_DEFAULT if args.demo else args.config
@@ -174,7 +166,7 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from mapd.config import write_template
+    from mapd.config_file import write_template
 
     write_template(args.template, Path.cwd())
 

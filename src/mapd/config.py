@@ -1,13 +1,12 @@
 """The YAML config: one pydantic model per section, every field documented.
 
 Where config lives: every section is defined here, as data, and nowhere else. A stage module imports
-the sections it uses from this module; this module imports no stage. ``mapd config`` prints the
-defaults with their help text.
+the sections it uses from this module; this module imports nothing of mapd but errors (reading a config
+file is mapd.config_file; docs/architecture.md). ``mapd config`` prints the defaults with their help text.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from string import Formatter
 from pathlib import Path
@@ -92,6 +91,21 @@ def name_key(name: str) -> str:
 # Marks a field that changes how a run goes, not what it produces: it may change between reruns of one
 # run folder (docs/reliability.md#resume-after-a-config-change).
 OPERATIONAL = {"operational": True}
+
+
+# The task names mapd.tasks implements (tests/test_layers.py checks the two agree); kept here as data so the
+# config checks a name without importing the tasks. The task's own checks (a jsonl task's path, a generator's
+# options) run when mapd.config_file.load_config loads the task.
+TASK_NAMES = ("gsm8k", "svamp", "strategyqa", "logiqa", "jsonl")
+TASK_PREFIXES = ("reasoning_gym:",)  # reasoning_gym:<dataset>
+
+
+def unknown_task(name: str) -> str | None:
+    """Why ``name`` names no task (a message listing the known ones), or None when it names one."""
+    if name in TASK_NAMES or any(name.startswith(prefix) and name.removeprefix(prefix) for prefix in TASK_PREFIXES):
+        return None
+    known = ", ".join([*TASK_NAMES, *(prefix + "<dataset>" for prefix in TASK_PREFIXES)])
+    return f"task.name: unknown task '{name}' (known: {known})"
 
 
 class TaskConfig(BaseModel):
@@ -435,8 +449,16 @@ class StudentConfig(BaseModel):
         return bool(self.serve or self.base_url)
 
 
-# the build modes mapd.stages.build implements, besides single:<teacher> (_check_meaning checks the field)
+# the build modes mapd.stages.build implements, besides single:<teacher> (build_mode_problem checks a mode)
 BUILD_MODES = ("mixed", "no-review", "all")
+SINGLE = "single:"  # single:<teacher>
+
+
+def build_mode_problem(mode: str) -> str | None:
+    """Why ``mode`` is no build mode (the config's field, or ``mapd build --mode``), or None when it is one."""
+    if mode in BUILD_MODES or (mode.startswith(SINGLE) and mode.removeprefix(SINGLE).strip()):
+        return None
+    return f"unknown mode {mode!r} (modes: {', '.join(BUILD_MODES[:1] + (SINGLE + '<teacher>',) + BUILD_MODES[1:])})"
 
 
 class BuildConfig(BaseModel):
@@ -449,6 +471,11 @@ class BuildConfig(BaseModel):
     seed: int = Field(731, description="Seed of the random choice among teachers.")
 
     model_config = SECTION
+
+    @property
+    def single(self) -> str | None:
+        """The teacher a ``single:<teacher>`` mode names, else None."""
+        return self.mode.removeprefix(SINGLE) if self.mode.startswith(SINGLE) else None
 
 
 class RunConfig(BaseModel):
@@ -494,7 +521,8 @@ class RunConfig(BaseModel):
         raise MapdError(f"teacher '{name}' is not in the config (teachers: {known})")
 
 
-def _field_path(location: tuple) -> str:
+def field_path(location: tuple) -> str:
+    """A field's location as the config writes it: ``teachers.0.model``."""
     return ".".join(str(part) for part in location) or "(top level)"
 
 
@@ -508,7 +536,7 @@ def parse_config(data: dict[str, Any], source: str = "config",
         problems = []
         for error in exc.errors():
             line = line_of(error["loc"]) if line_of else None
-            problems.append(f"{_field_path(error['loc'])}: {error['msg']}" + (f" (line {line})" if line else ""))
+            problems.append(f"{field_path(error['loc'])}: {error['msg']}" + (f" (line {line})" if line else ""))
         raise MapdError(f"{source}: {'; '.join(problems)}") from None
     _check_meaning(config, source, line_of or (lambda location: None))
     return config
@@ -521,29 +549,23 @@ PROMPT_FIELDS = {"answer": ("question", "answer_format"),
 
 
 def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], int | None]) -> None:
-    """What the field types cannot say: the task exists (and a jsonl task has a path), the build mode is
+    """What the field types cannot say: the task name is one mapd.tasks implements, the build mode is
     one mapd.stages.build implements, and every prompt template fills in with its fields. Errors name the
     file, line and field."""
-    from mapd.tasks import get_task
-
     def at(location: tuple) -> str:
         line = line_of(location)
         return f"{source}:{line}" if line else source
 
-    try:
-        get_task(config.task)
-    except MapdError as exc:
-        raise MapdError(f"{at(('task', 'name'))}: {exc}") from None
+    if (problem := unknown_task(config.task.name)) is not None:
+        raise MapdError(f"{at(('task', 'name'))}: {problem}")
     if config.max_budget_usd is not None:
         for index, teacher in enumerate(config.teachers):
             if not (teacher.price_input_per_mtok or teacher.price_output_per_mtok or teacher.free):
                 raise MapdError(f"{at(('teachers', index, 'name'))}: max_budget_usd is set, but teacher "
                                 f"'{teacher.name}' has no prices (price_input_per_mtok, price_output_per_mtok), so its "
                                 "calls would count as free: set its prices, or unset max_budget_usd")
-    mode = config.build.mode
-    if mode not in BUILD_MODES and not (mode.startswith("single:") and mode.removeprefix("single:").strip()):
-        raise MapdError(f"{at(('build', 'mode'))}: build.mode: unknown mode {mode!r} (modes: mixed, "
-                        "single:<teacher>, no-review, all)")
+    if (problem := build_mode_problem(config.build.mode)) is not None:
+        raise MapdError(f"{at(('build', 'mode'))}: build.mode: {problem}")
     for name, fields in PROMPT_FIELDS.items():
         try:
             used = [field for _, field, _, _ in Formatter().parse(getattr(config.prompts, name)) if field is not None]
@@ -555,150 +577,6 @@ def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], in
             raise MapdError(f"{at(('prompts', name))}: prompts.{name}: {{{unknown[0]}}} is not a field of this "
                             f"template (its fields: {', '.join('{' + f + '}' for f in fields)}; write {{{{ or }}}} "
                             "for a literal brace)")
-
-
-MAX_CONFIG_VALUES = 100_000  # YAML aliases can make a short file expand to billions of values
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (YAML itself keeps the last one silently)."""
-
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for key, _ in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                    if key.value in seen:
-                        raise yaml.constructor.ConstructorError(
-                            None, None, f"field '{key.value}' appears twice (also on line {seen[key.value]})",
-                            key.start_mark)
-                    seen[key.value] = key.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-def _line_finder(root: yaml.Node | None) -> Callable[[tuple], int | None]:
-    """Maps a field's location (``("teachers", 0, "model")``) to the line of the deepest part of it
-    that the file holds (a missing field: its section's line)."""
-
-    def line_of(location: tuple) -> int | None:
-        node, line = root, None
-        for part in location:
-            if isinstance(node, yaml.MappingNode):
-                match = next(((k, v) for k, v in node.value
-                              if isinstance(k, yaml.ScalarNode) and k.value == str(part)), None)
-                if match is None:
-                    break
-                line, node = match[0].start_mark.line + 1, match[1]
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-                node = node.value[part]
-                line = node.start_mark.line + 1
-            else:
-                break
-        if line is None and root is not None:
-            line = root.start_mark.line + 1
-        return line
-
-    return line_of
-
-
-def _check_size(data: Any, path: Path, line_of: Callable[[tuple], int | None]) -> None:
-    """Refuse a config that refers to itself or expands past MAX_CONFIG_VALUES (YAML aliases), a .nan or .inf, and
-    text holding a lone surrogate escape (it reads, but no file or request can carry it)."""
-    from mapd.io import lone_surrogate
-
-    count, stack = 0, [((), data, frozenset())]
-    while stack:
-        location, item, above = stack.pop()
-        count += 1
-        if count > MAX_CONFIG_VALUES:
-            raise MapdError(f"{path}: the config expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?)")
-        if isinstance(item, float) and math.isnan(item):  # .nan compares false with everything: thresholds never pass
-            raise MapdError(f"{path}:{line_of(location)}: field '{_field_path(location)}': .nan is not a number")
-        if isinstance(item, float) and math.isinf(item):  # also in free-form fields (extra_body): JSON has no Infinity
-            raise MapdError(f"{path}:{line_of(location)}: field '{_field_path(location)}': {item} is not a finite number")
-        if isinstance(item, (dict, list)):
-            if id(item) in above:
-                raise MapdError(f"{path}:{line_of(location)}: field '{_field_path(location)}' contains itself "
-                                "(a YAML alias inside its own anchor)")
-            children = item.items() if isinstance(item, dict) else enumerate(item)
-            stack.extend(((*location, key), child, above | {id(item)}) for key, child in children)
-    field = lone_surrogate(data)
-    if field is not None:
-        location = tuple(int(p) if p.isdigit() else p for p in field.split("."))
-        raise MapdError(f"{path}:{line_of(location)}: field '{field}': a lone surrogate escape "
-                        "(\\ud800-\\udfff) is not text")
-
-
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML config file; every error is one MapdError naming the file, and the line
-    and field where there is one."""
-    from mapd.io import read_text
-
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        raise MapdError(f"{path}: is a folder, expected a YAML config file")
-    if not path.is_file():
-        raise MapdError(f"{path}: config file not found")
-    text = read_text(path)
-    loader = _StrictLoader(text)
-    try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise MapdError(f"{where}: not valid YAML ({exc.problem or exc.context})") from None
-    except yaml.YAMLError as exc:
-        raise MapdError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    except RecursionError:
-        raise MapdError(f"{path}: not valid YAML (nested too deeply to read)") from None
-    except ValueError as exc:  # an integer past Python's int-digits limit
-        long = re.search(r"\d{4000,}", text)
-        where = f"{path}:{text.count(chr(10), 0, long.start()) + 1}" if long else str(path)
-        raise MapdError(f"{where}: a number too long to read ({str(exc).split(':')[0]})") from None
-    finally:
-        loader.dispose()
-    if data is not None and not isinstance(data, dict):
-        raise MapdError(f"{path}: expected a mapping of config sections at the top level, got "
-                        f"{type(data).__name__}")
-    line_of = _line_finder(root)
-    _check_size(data, path, line_of)
-    return parse_config(data or {}, str(path), line_of)
-
-
-def embedded_default_config() -> RunConfig:
-    """The offline demonstration config shipped with the package (``mapd run`` with no config)."""
-    return load_config(EMBEDDED_DEFAULT)
-
-
-def template_file(name: str) -> Path:
-    """The starter config ``mapd init NAME`` copies (shipped in mapd/configs/; offline-default is the demo)."""
-    return EMBEDDED_DEFAULT if name == "offline-default" else EMBEDDED_DEFAULT.with_name(f"{name}.yaml")
-
-
-def write_template(name: str, folder: Path) -> Path:
-    """Copy the starter config ``name`` to ``folder/<name>.yaml``; MapdError when that file exists already."""
-    from mapd.log import say
-
-    target = Path(folder) / f"{name}.yaml"
-    try:
-        with open(target, "x", encoding="utf-8") as file:  # never overwrites a config a user edited
-            file.write(template_file(name).read_text(encoding="utf-8"))
-    except FileExistsError:
-        raise MapdError(f"{target}: exists already; remove it or run `mapd init` in another folder") from None
-    say(f"wrote {target}: edit it, then `mapd check {target.name}` and `mapd run {target.name}`")
-    return target
-
-
-def public_dump(config: RunConfig) -> dict[str, Any]:
-    """The resolved config as plain data for manifests: key *names* only, credentials in URLs redacted."""
-    from mapd.secrets import redact_url
-
-    data = config.model_dump(mode="json")
-    for endpoint in [*data["teachers"], data["student"]]:  # the config's every base_url
-        if endpoint.get("base_url"):
-            endpoint["base_url"] = redact_url(endpoint["base_url"])
-    return data
 
 
 def _yaml_value(value: Any) -> str:

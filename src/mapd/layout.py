@@ -13,6 +13,7 @@ from pathlib import Path
 
 CACHE = "cache.sqlite"  # a call cache (mapd.llm.CallCache)
 SERVER_LOG = "server.log"  # the output of a server mapd started (mapd.serve)
+TRAIN_SUMMARY = "train_summary.json"  # in a model folder: what train_model returned (steps, loss, world_size, ...)
 
 
 def _file(*parts: str) -> property:

@@ -134,16 +134,15 @@ def card_from_run(run_dir: Path, round_index: int) -> Path | None:
     the model's train_summary.json, the base student's eval_before and this round's eval_after); None when the
     round has no trained model."""
     from mapd.io import read_json
-    from mapd.layout import RunLayout
+    from mapd.layout import TRAIN_SUMMARY, RunLayout
     from mapd.records import read_document, read_records
-    from mapd.train import SUMMARY
 
     run = RunLayout(Path(run_dir))
     folder = run.round(round_index)
     if not folder.model_done.is_file():
         return None
     config = (read_json(run.manifest) if run.manifest.is_file() else {}).get("config") or {}
-    summary = read_json(folder.model / SUMMARY) if (folder.model / SUMMARY).is_file() else {}
+    summary = read_json(folder.model / TRAIN_SUMMARY) if (folder.model / TRAIN_SUMMARY).is_file() else {}
 
     def metrics(path: Path) -> Metrics | None:
         return read_document(path, Metrics) if path.is_file() else None

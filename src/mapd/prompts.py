@@ -2,7 +2,7 @@
 
 Each prompt's reply contract sits beside the parser that reads the reply: the answer line
 (``answers.ANSWER_FORMATS``, read by ``answers.extract``) and the review score
-(``stages.review.SCORE_FORMAT``, read by ``stages.review.parse_score``). A training pair's prompt is
+(``review_score.SCORE_FORMAT``, read by ``review_score.parse_score``). A training pair's prompt is
 built by :func:`answer_messages` / :func:`feedback_messages`, exactly as evaluation and the teachers
 see it, system message included.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mapd.answers import ANSWER_FORMATS
 from mapd.config import PromptConfig
-from mapd.stages.review import SCORE_FORMAT
+from mapd.review_score import SCORE_FORMAT
 
 Messages = list[dict[str, str]]
 

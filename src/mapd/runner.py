@@ -37,14 +37,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mapd.config import (EMBEDDED_DEFAULT, RunConfig, config_changes, embedded_default_config, load_config, public_dump,
-                         result_fields)
+from mapd.config import EMBEDDED_DEFAULT, RunConfig, config_changes, result_fields
+from mapd.config_file import embedded_default_config, load_config
 from mapd.errors import IncompleteStage, MapdError
 from mapd.log import say
 from mapd.io import folder_lock, read_json, write_json
 from mapd.layout import RoundLayout, RunLayout
 from mapd.model_card import card_from_run
 from mapd.models import check_local_teachers, resolve_model
+from mapd.secrets import public_dump
 from mapd.student import server_pool, trained_student
 from mapd.tasks import get_task
 
@@ -356,11 +357,8 @@ def _check_run_config(config: RunConfig, source: str) -> None:
     from mapd.stages.review import check_committee
 
     names = [teacher.name for teacher in config.teachers]
-    try:
-        check_committee(names, config.review)
-    except MapdError as exc:
-        raise MapdError(f"{source}: {exc}") from None
-    single = config.build.mode.removeprefix("single:") if config.build.mode.startswith("single:") else None
+    check_committee(names, config.review, source)
+    single = config.build.single
     if single is not None and single not in names:
         raise MapdError(f"{source}: build.mode: {config.build.mode}: teacher '{single}' is not in the config "
                         f"(teachers: {', '.join(names)})")

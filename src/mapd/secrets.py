@@ -19,13 +19,13 @@ import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit, urlunsplit
 
 from mapd.errors import MapdError
 
 if TYPE_CHECKING:
-    from mapd.config import TeacherConfig
+    from mapd.config import RunConfig, TeacherConfig
 
 _KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|AIza[0-9A-Za-z_\-]{20,}|Bearer\s+[^\s\"'<>,;]+)")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -50,6 +50,15 @@ def redact_url(url: str) -> str:
 
 # characters that URL encoders (urllib, httpx, aiohttp, servers echoing a request) leave as they are
 _SAFE_SETS = ("", "/", "/:@", "/:@!$'()*,;=~", "!$&'()*+,;=:@/?~")
+
+
+def public_dump(config: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain data for manifests: key *names* only, credentials in URLs redacted."""
+    data = config.model_dump(mode="json")
+    for section in [*data["teachers"], data["student"]]:  # the config's every base_url
+        if section.get("base_url"):
+            section["base_url"] = redact_url(section["base_url"])
+    return data
 
 
 def _variants(secret: str) -> set[str]:

@@ -35,8 +35,9 @@ def trained_student(student: StudentConfig, model_dir: Path) -> StudentConfig:
 
 
 @dataclass(frozen=True)
-class Endpoint:
-    """Where the student's requests go, and the model name they carry."""
+class ServedStudent:
+    """Where the student's requests go, and the model name they carry (a teacher's URL, headers and query
+    are a secrets.Endpoint)."""
 
     base_url: str
     model_name: str
@@ -83,20 +84,20 @@ def server_pool() -> Iterator[ServerPool]:
 
 
 @contextmanager
-def endpoint(student: StudentConfig, reference: str, log_path: Path) -> Iterator[Endpoint]:
+def serving(student: StudentConfig, reference: str, log_path: Path) -> Iterator[ServedStudent]:
     """The running server for ``student``: its base_url, or the one ``student.serve`` starts on ``reference``
     (a model a server can load, :func:`mapd.serve.servable`), kept by the current :func:`server_pool`, else
     stopped when the block ends."""
     if student.base_url:
-        yield Endpoint(student.base_url, student.model)
+        yield ServedStudent(student.base_url, student.model)
         return
     pool = _pool.get()
     if pool is not None:
         server = pool.get(student, reference, log_path)
-        yield Endpoint(server.base_url, server.model_name)
+        yield ServedStudent(server.base_url, server.model_name)
         return
     with _served(student, reference, log_path) as server:
-        yield Endpoint(server.base_url, server.model_name)
+        yield ServedStudent(server.base_url, server.model_name)
 
 
 def _served(student: StudentConfig, reference: str, log_path: Path):
@@ -129,8 +130,8 @@ def served_answers(student: StudentConfig, examples: list[Example], answer_kind:
              for example in examples}
     with CallCache(cache_path) as cache:
         missing = any(cache.get(cache_key(config, call, identity)) is None for call in calls.values())
-        with (endpoint(student, reference, log_path) if missing
-              else nullcontext(Endpoint(config.base_url, config.model))) as where:
+        with (serving(student, reference, log_path) if missing
+              else nullcontext(ServedStudent(config.base_url, config.model))) as where:
             config = config.model_copy(update={"base_url": where.base_url, "model": where.model_name})
             began = time.perf_counter()
             with Dispatcher([config], cache, identities={STUDENT: identity}, who={STUDENT: ROLE}) as dispatcher:

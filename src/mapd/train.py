@@ -35,12 +35,11 @@ from mapd.config import StudentConfig, TrainConfig
 from mapd.errors import MapdError
 from mapd.log import say
 from mapd.io import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
-from mapd.layout import RoundLayout
+from mapd.layout import TRAIN_SUMMARY, RoundLayout
 from mapd.model_card import finish_model_folder, write_model_card
 from mapd.records import TrainingPair, read_records
 
 KINDS = ("feedback", "rationale")
-SUMMARY = "train_summary.json"  # in the model folder: what train_model returned (steps, loss, world_size, ...)
 LAUNCH_CONFIG = "launch.yaml"  # in the model folder: the settings a train.launch child trains with
 LAUNCH_LOG = "launch.log"  # in the model folder: a train.launch child's output
 
@@ -285,7 +284,7 @@ def train_model(config: TrainConfig, model: str, data: Path, out_dir: Path, gguf
     summary = {"steps": trainer.state.global_step, "train_loss": result.training_loss, "seconds": seconds,
                "pairs": len(pairs), "world_size": world_size}
     if trainer.is_world_process_zero():
-        write_json(out_dir / SUMMARY, summary)
+        write_json(out_dir / TRAIN_SUMMARY, summary)
         finish_model_folder(out_dir, config.keep_checkpoints)  # what one would upload: no checkpoints, 0644
         write_model_card(out_dir, base_model=model, pairs=pairs, steps=trainer.state.global_step)
     return summary
@@ -306,11 +305,11 @@ def launch_train(config: TrainConfig, model: str, data: Path, out_dir: Path, ggu
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = out_dir / LAUNCH_CONFIG
     settings.write_text(yaml.safe_dump({"train": config.model_dump(mode="json", exclude={"launch"})}, sort_keys=False))
-    (out_dir / SUMMARY).unlink(missing_ok=True)  # the one the run below writes, not an earlier one
+    (out_dir / TRAIN_SUMMARY).unlink(missing_ok=True)  # the one the run below writes, not an earlier one
     argv = ["-m", "mapd.cli", "train", "--config", str(settings), "--data", str(data), "--out", str(out_dir),
             "--model", model, *(["--gguf-file", gguf_file] if gguf_file else [])]
     run_watched(f"{config.launch} {shlex.join(argv)}", out_dir / LAUNCH_LOG, what="train.launch")
-    return read_json(out_dir / SUMMARY, dict)
+    return read_json(out_dir / TRAIN_SUMMARY, dict)
 
 
 def run_train(folder: RoundLayout, *, student: StudentConfig, train: TrainConfig) -> dict[str, Any]:

@@ -27,12 +27,14 @@ import openai
 
 from mapd.llm.base import Call, CallResult
 from mapd.llm.cache import CacheUnavailable, CallCache
-from mapd.llm.openai_provider import OpenAIProvider, TeacherStopped, UnusableReply, request_body, transient_status
+from mapd.llm.openai_provider import (PROVIDER_ERRORS, OpenAIProvider, TeacherStopped, UnusableReply, request_body,
+                                      transient_status)
 
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "expired", "cancelled", "failed", "lost")  # "lost": the endpoint no longer knows it
 CALM_TICK_S = 0.1  # the queue goes out after two ticks in a row with the run calm
 MALFORMED_POLLS = 5  # malformed replies in a row to a batch's poll before its calls fail (it stays pending)
+FAILED_POLLS = 5  # polls in a row that fail (each after the retry policy) before its calls fail (it stays pending)
 REFRESH_S = 10.0  # --batch-status: one attempt per batch, at most this long; the endpoint down: last-known states
 log = logging.getLogger("mapd.llm")
 
@@ -69,6 +71,7 @@ class BatchProvider:
         self._next_poll: dict[str, float] = {}
         self._states: dict[str, str] = {}  # input file -> status line part
         self._malformed: dict[str, int] = {}  # input file -> malformed poll replies in a row
+        self._failed_polls: dict[str, int] = {}  # input file -> polls in a row that failed
         self._loop_task: asyncio.Task | None = None
 
     async def complete(self, call: Call, key: str, pending: str | None = None, *, in_slot: bool = False) -> CallResult:
@@ -299,10 +302,17 @@ class BatchProvider:
         except TeacherStopped as exc:
             error = f"TeacherStopped: {exc}"
             return self._deliver(input_file_id, lambda key, call: CallResult(call.key, None, error))
-        except Exception as exc:  # the batch runs on; the next poll asks again
-            log.warning("teacher %s: polling batch %s failed: %s", self.teacher.name, row["batch_id"],
+        except PROVIDER_ERRORS as exc:  # the batch runs on; the next poll asks again, up to FAILED_POLLS in a row
+            self._failed_polls[input_file_id] = times = self._failed_polls.get(input_file_id, 0) + 1
+            log.warning("teacher %s: polling batch %s failed, %d in a row%s: %s", self.teacher.name, row["batch_id"],
+                        times, "" if times < FAILED_POLLS else "; its calls fail for now, a rerun polls it again",
                         self.live.describe(exc))
+            if times >= FAILED_POLLS:
+                error = self.live.describe_text(f"BatchUnreachable: batch {row['batch_id']}: {times} polls in a row "
+                                                f"failed, the last: {self.live.describe(exc)}")
+                self._deliver(input_file_id, lambda key, call: CallResult(call.key, None, error))
             return None
+        self._failed_polls.pop(input_file_id, None)
         if (problem := malformed(batch)) is not None:  # a warning on this batch, never a record in the cache
             self._malformed[input_file_id] = times = self._malformed.get(input_file_id, 0) + 1
             log.warning("teacher %s: batch %s: the endpoint's reply is malformed (%s), %d in a row%s",

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -37,7 +37,6 @@ from mapd.llm.batch import TERMINAL, BatchProvider
 from mapd.llm.cache import CacheUnavailable, CallCache, cache_key
 from mapd.llm.local_provider import LocalProvider
 from mapd.llm.openai_provider import CHARS_PER_TOKEN, Backoff, OpenAIProvider, approx_tokens
-from mapd.records import TeacherStats as TeacherStatsRecord
 from mapd.secrets import api_key, check_credentials
 
 T = TypeVar("T")
@@ -52,8 +51,9 @@ class BudgetExceeded(IncompleteStage):
 
 
 @dataclass
-class TeacherStats:
-    """What one teacher did in this process (cache hits cost nothing and are not calls)."""
+class TeacherTally:
+    """What one teacher did in this process (cache hits cost nothing and are not calls); its summary is plain
+    values, which the teach stage stores as the record records.TeacherStats."""
 
     calls: int = 0
     cache_hits: int = 0
@@ -72,8 +72,9 @@ class TeacherStats:
     batches: int = 0
     latencies: list[float] = field(default_factory=list)
 
-    def summary(self) -> TeacherStatsRecord:
-        """This teacher's line of teach_stats.json (docs/formats.md)."""
+    def summary(self) -> dict[str, Any]:
+        """This teacher's statistics as plain values (the teach stage stores them as records.TeacherStats, a line
+        of teach_stats.json: docs/formats.md)."""
         ordered = sorted(self.latencies)
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latencies"}
         values.update(
@@ -82,7 +83,7 @@ class TeacherStats:
             latency_p50_s=round(statistics.median(ordered), 3) if ordered else None,
             latency_p95_s=round(ordered[math.ceil(0.95 * len(ordered)) - 1], 3) if ordered else None,
         )
-        return TeacherStatsRecord(**values)
+        return values
 
 
 @dataclass
@@ -185,7 +186,7 @@ class Dispatcher:
         self.max_budget_usd = max_budget_usd
         self.dry_run = dry_run
         self.backoff = backoff
-        self.stats = {name: TeacherStats() for name in self.teachers}
+        self.stats = {name: TeacherTally() for name in self.teachers}
         self.estimated: dict[str, Estimate] = {}
         self.spent_usd = 0.0  # by this process
         self.budget_reached = False
@@ -517,8 +518,8 @@ class Dispatcher:
 
     # -- reporting ------------------------------------------------------------------------------
 
-    def summary(self) -> dict[str, TeacherStatsRecord]:
-        """``{teacher: TeacherStats}`` as teach_stats.json stores it."""
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """``{teacher: its statistics}`` as plain values (TeacherTally.summary)."""
         for name, provider in self._http.items():
             self.stats[name].stopped = provider.stopped
         for name, batches in self._batches.items():
@@ -560,12 +561,12 @@ class Dispatcher:
     def summary_table(self) -> str:
         """The summary as a printable table."""
         table = Table(title="teacher calls")
-        columns = list(TeacherStatsRecord.model_fields)
+        rows = self.summary()
+        columns = list(next(iter(rows.values()), {}))
         table.add_column("teacher")
         for column in columns:
             table.add_column(column.replace("_", " "), justify="right")
-        for name, row in self.summary().items():
-            values = row.model_dump()
+        for name, values in rows.items():
             table.add_row(name, *("-" if values[c] is None else str(values[c]) for c in columns))
         return _render(table)
 

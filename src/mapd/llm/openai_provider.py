@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
+import aiohttp
 import httpx2
 import openai
 from aiolimiter import AsyncLimiter
@@ -55,6 +56,17 @@ class UnusableReply(Exception):
 
 class TeacherStopped(Exception):
     """The teacher was stopped (an error every call would get, or the circuit breaker): no more requests."""
+
+
+# What the endpoint or the network can do to a call: these become failed results. Anything else is a bug in
+# mapd's own code and propagates with its traceback (tests/test_llm.py::test_a_bug_in_mapd_is_raised_not_recorded).
+PROVIDER_ERRORS: tuple[type[Exception], ...] = (
+    openai.APIError,  # status errors, connection errors and timeouts, unreadable responses
+    httpx2.HTTPError, aiohttp.ClientError,  # the transports, should one escape the SDK unwrapped
+    TimeoutError, OSError,  # asyncio.TimeoutError is TimeoutError
+    json.JSONDecodeError, UnicodeDecodeError,  # a reply that is not JSON, or not text
+    UnusableReply,  # a 200 reply with no usable text
+)
 
 
 # A wrong key, no access, no such model or endpoint: every call to the teacher would fail alike.
@@ -164,7 +176,7 @@ class OpenAIProvider:
                     result = await self._counted(self._attempt(call))
         except TeacherStopped as exc:
             result = CallResult(call.key, None, f"TeacherStopped: {exc}")
-        except Exception as exc:  # every failure becomes a recorded result, never an exception in the stage
+        except PROVIDER_ERRORS as exc:  # the endpoint's failures become recorded results; a bug in mapd raises
             result = CallResult(call.key, None, self.describe(exc))
         return result.of(call.key, latency_s=time.perf_counter() - start, attempts=attempts)
 

@@ -21,7 +21,7 @@ import random
 from collections import Counter, defaultdict
 from contextlib import nullcontext
 
-from mapd.config import BUILD_MODES, BuildConfig, PromptConfig, TaskConfig
+from mapd.config import BuildConfig, PromptConfig, TaskConfig, build_mode_problem
 from mapd.errors import MapdError
 from mapd.log import say
 from mapd.io import check_folder, folder_lock, read_jsonl_lines
@@ -73,11 +73,11 @@ def build_pairs(
     rationales_by = _by_mistake(rationales, "rationales", ids)
     teachers = sorted({r.teacher for r in [*feedback, *rationales]})
 
-    single = mode.split(":", 1)[1] if mode.startswith("single:") else None
+    if (problem := build_mode_problem(mode)) is not None:
+        raise MapdError(f"build.mode: {problem}")
+    single = build.single
     if single is not None and single not in teachers:
         raise MapdError(f"build mode {mode}: unknown teacher '{single}' (teachers: {', '.join(teachers) or 'none'})")
-    if single is None and mode not in BUILD_MODES:
-        raise MapdError(f"build mode '{mode}': unknown (modes: mixed, single:<teacher>, no-review, all)")
 
     def usable_rationale(record: Rationale) -> bool:
         if not (record.text or "").strip() or (single is not None and record.teacher != single):

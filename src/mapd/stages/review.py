@@ -1,9 +1,8 @@
-"""Simulated peer review (docs/method.md#4-peer-review): the score a reviewer is asked for and its
-parser, the acceptance rule, and who reviews whom."""
+"""Simulated peer review (docs/method.md#4-peer-review): the acceptance rule and who reviews whom (the
+score a reviewer is asked for and its parser: mapd.review_score)."""
 
 from __future__ import annotations
 
-import re
 import statistics
 
 from mapd.answers import extract, is_correct
@@ -11,30 +10,7 @@ from mapd.config import ReviewConfig
 from mapd.errors import MapdError
 from mapd.records import Rationale, Review
 
-# What the review prompt asks a reviewer to end with ({score_format} in config.PromptConfig.review) and,
-# below, parse_score, which reads it: change them together.
-SCORE_FORMAT = ("then finish with a single integer score from 1 (wrong) to 5 (fully correct and sound) "
-                "in square brackets, for example [4].")
-
-# A bracketed value: "[4]", "[ 4 ]", "[4/5]", "[4.5]", "[-1]". Decimals and signs are matched so that
-# "[4.5]" is an invalid score rather than falling through to the last integer.
-_BRACKETED = re.compile(r"\[\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+\s*)?\]")
-# A bare number, where "4/5" is one value (4); "4 out of 5" is two numbers, the last being 5. No sign:
-# outside brackets a hyphen is a range or a dash ("a 1-5 scale").
-_NUMBER = re.compile(r"(\d+(?:\.\d+)?)(?:\s*/\s*\d+)?")
 _AGGREGATORS = {"mean": statistics.fmean, "median": statistics.median, "min": min}
-
-
-def parse_score(text: str) -> int | None:
-    """A reviewer's 1-5 score (the reply to SCORE_FORMAT): the last bracketed value, else the last number.
-
-    ``N/M`` counts as N. A value outside 1..5, a non-integer or no number at all is invalid: None.
-    """
-    found = _BRACKETED.findall(text) or _NUMBER.findall(text)
-    if not found:
-        return None
-    value = float(found[-1])
-    return int(value) if value.is_integer() and 1 <= value <= 5 else None
 
 
 def accept(scores: list[int | None], config: ReviewConfig) -> tuple[float | None, bool]:
@@ -50,14 +26,15 @@ def accept(scores: list[int | None], config: ReviewConfig) -> tuple[float | None
     return aggregate, passed
 
 
-def check_committee(committee: list[str], config: ReviewConfig) -> None:
+def check_committee(committee: list[str], config: ReviewConfig, source: str | None = None) -> None:
     """A committee needs a teacher, and peer review someone else to review: a one-teacher committee must
-    turn review off. The error names the config field at fault (callers put the config file before it)."""
+    turn review off. The error names the config field at fault, after ``source`` (the config file) if given."""
+    at = f"{source}: " if source is not None else ""
     if not committee:
-        raise MapdError("teachers: the committee needs at least one teacher")
+        raise MapdError(f"{at}teachers: the committee needs at least one teacher")
     if config.enabled and len(committee) < 2:
         raise MapdError(
-            f"review.enabled: peer review needs at least two teachers, the committee has {len(committee)} "
+            f"{at}review.enabled: peer review needs at least two teachers, the committee has {len(committee)} "
             f"({', '.join(committee)}): add a teacher or set review.enabled: false"
         )
 

@@ -28,7 +28,8 @@ from mapd.models import check_local_teachers, checkpoint_identity
 from mapd.prompts import answer_messages, feedback_messages, review_messages
 from mapd.records import Feedback, Mistake, Rationale, Review, TeachStats, read_mistakes, write_document, write_records
 from mapd.secrets import check_credentials
-from mapd.stages.review import check_committee, judged, needs_review, parse_score, reviewers
+from mapd.review_score import parse_score
+from mapd.stages.review import check_committee, judged, needs_review, reviewers
 from mapd.tasks import get_task
 from mapd.tasks.base import check_mistakes
 
@@ -185,7 +186,8 @@ def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list
         return {"dry_run": {name: vars(row) for name, row in dispatcher.estimated.items()}}
     write_records(folder.feedback, feedback)
     write_records(folder.rationales, rationales)
-    write_document(folder.teach_stats, TeachStats(dispatcher.summary()))
+    stats = TeachStats(dispatcher.summary())  # the call path's plain statistics, as the record teach_stats.json holds
+    write_document(folder.teach_stats, stats)
     say(_acceptance_line(feedback, rationales))
     _raise_if_incomplete(feedback, rationales, dispatcher)
     return {
@@ -193,7 +195,7 @@ def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list
         "feedback_failed": sum(r.text is None for r in feedback),
         "rationales_failed": sum(r.text is None for r in rationales),
         "accepted": sum(r.accepted for r in rationales),
-        "teachers": {name: row.model_dump() for name, row in dispatcher.summary().items()},
+        "teachers": stats.model_dump(),
     }
 
 
@@ -205,7 +207,7 @@ def _raise_if_incomplete(feedback: list[Feedback], rationales: list[Rationale], 
     if not errors:
         return
     kinds = Counter(error.split(":", 1)[0] for error in errors)
-    stopped = [f"{name} ({row.stopped})" for name, row in dispatcher.summary().items() if row.stopped]
+    stopped = [f"{name} ({row['stopped']})" for name, row in dispatcher.summary().items() if row["stopped"]]
     what = (f"{len(errors)} calls failed or were not made ({', '.join(f'{n} {k}' for k, n in kinds.most_common())})"
             + (f"; stopped teachers: {'; '.join(stopped)}" if stopped else ""))
     if dispatcher.cache_problem is not None:

@@ -3,7 +3,7 @@
 from mapd.errors import MapdError
 from mapd.tasks import gsm8k, jsonl, logiqa, strategyqa, svamp
 from mapd.tasks import reasoning_gym as reasoning_gym_task
-from mapd.config import AnswerKind, TaskConfig
+from mapd.config import AnswerKind, TaskConfig, unknown_task
 from mapd.tasks.base import Example, Task
 
 BENCHMARKS = {"gsm8k": gsm8k.make, "svamp": svamp.make, "strategyqa": strategyqa.make, "logiqa": logiqa.make}
@@ -17,8 +17,7 @@ def get_task(config: TaskConfig) -> Task:
         return jsonl.make(config)
     if config.name.startswith("reasoning_gym:"):
         return reasoning_gym_task.make(config, config.name.split(":", 1)[1])
-    known = ", ".join([*BENCHMARKS, "jsonl", "reasoning_gym:<dataset>"])
-    raise MapdError(f"task.name: unknown task '{config.name}' (known: {known})")
+    raise MapdError(unknown_task(config.name) or f"task.name: {config.name!r} has no loader")
 
 
 __all__ = ["AnswerKind", "Example", "Task", "TaskConfig", "get_task"]

@@ -160,7 +160,7 @@ def load_rows(task: str, path: str | None, split: str, hub_id: str | None = None
     try:
         dataset = load_dataset(hub_id, hub_config, split=split)
     except Exception as exc:  # network, unknown split, missing dataset: report in one line
-        raise MapdError(f"task {task}: cannot load {hub_id} split '{split}' from the hub: {exc}") from None
+        raise MapdError(f"task {task}: cannot load {hub_id} split '{split}' from the hub: {exc}") from exc
     return [(f"{hub_id}[{split}] row {index}", row) for index, row in enumerate(dataset)]
 
 

@@ -9,8 +9,8 @@ def make(config: TaskConfig, dataset: str) -> Task:
     """A task whose splits are generated: train with ``config.seed``, any other split with seed + 1."""
     try:
         import reasoning_gym
-    except ImportError:  # pragma: no cover - it is a dependency
-        raise MapdError("task reasoning_gym: the reasoning-gym package is not installed") from None
+    except ImportError as exc:  # pragma: no cover - it is a dependency
+        raise MapdError("task reasoning_gym: the reasoning-gym package is not installed") from exc
 
     kind = config.answer_kind or "number"
     if kind == "choice":
