@@ -251,8 +251,9 @@ def test_run_mine_writes_mistakes(tiny_model_dir, svamp_dir, tmp_path, monkeypat
     mistakes = read_jsonl(tmp_path / "round-0" / "mistakes.jsonl")
     assert [(m["id"], m["status"], m["answer"], m["gold"]) for m in mistakes] == [
         ("1", "unparsed", None, "7"), ("2", "wrong", "35", "30")]
-    assert {k: calls[-1][k] for k in ("temperature", "top_p", "seed", "batch_size")} == {
-        "temperature": 0.3, "top_p": 0.9, "seed": 731, "batch_size": 2}
+    assert {k: calls[-1][k] for k in ("temperature", "top_p", "seeds", "batch_size")} == {
+        "temperature": 0.3, "top_p": 0.9, "seeds": [generation.key_seed(731, i) for i in ("0", "1", "2")],
+        "batch_size": 2}  # each question its own seed, from student.seed and its id
 
 
 # --- real weights ---------------------------------------------------------------------------------------------
@@ -293,3 +294,14 @@ def test_sampled_batched_equals_one_at_a_time(tiny):
     other = generation.generate(model, tokenizer, prompts, batch_size=4, seeds=[s + 1 for s in seeds], **options)
     greedy = generation.generate(model, tokenizer, prompts, batch_size=4, max_new_tokens=12)
     assert [g.text for g in other] != [g.text for g in single] != [g.text for g in greedy]  # the seed samples
+
+
+def test_generation_dtype_is_configurable(tiny_model_dir):
+    """student.dtype / a local teacher's dtype: bfloat16 weights when asked, float32 on a CPU by default."""
+    import torch
+
+    default, _ = generation.load_model(str(tiny_model_dir))
+    half, tokenizer = generation.load_model(str(tiny_model_dir), dtype="bfloat16")
+    assert next(default.parameters()).dtype == torch.float32 and next(half.parameters()).dtype == torch.bfloat16
+    [reply] = generation.generate(half, tokenizer, [[{"role": "user", "content": "2 + 2?"}]], max_new_tokens=3)
+    assert reply.output_tokens > 0

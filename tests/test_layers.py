@@ -59,6 +59,9 @@ def mapd_imports(path: Path, module: str) -> set[str]:
             else:
                 prefix = node.module or ""
             names = [prefix] + [f"{prefix}.{alias.name}" for alias in node.names]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            names = [node.args[0].value]  # importlib.import_module("mapd.x")
         else:
             continue
         for name in names:
@@ -136,6 +139,7 @@ def test_the_checks_catch_what_they_should():
     assert layer_of("mapd.stages.review") > layer_of("mapd.prompts")
     graph = import_graph()
     assert "mapd.errors" in graph["mapd.config"]
+    assert "mapd.llm.base" in graph["mapd.llm"]  # a package's __init__
     assert "mapd.tasks.base" in graph["mapd.tasks.gsm8k"]
 
 

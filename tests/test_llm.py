@@ -362,4 +362,19 @@ def test_local_teacher_real_model(cache):
     with Dispatcher([local], cache) as fresh:
         again = fresh.complete_all(calls, "smol")
     assert [again[c.key].text for c in calls] == [results[c.key].text for c in calls]
-    assert fresh.summary()["smol"]["calls"] == 0 and fresh._local["smol"]._loaded is None  # nothing generated or loaded
+    assert fresh.summary()["smol"]["calls"] == 0 and fresh._local["smol"].weights._loaded is None  # nothing generated or loaded
+
+
+def test_two_teachers_on_one_local_model_share_its_weights(cache, monkeypatch):
+    """Two names on one local model are two voices (their own calls and seeds) on one copy of the weights."""
+    loads = []
+    monkeypatch.setattr("mapd.llm.local_provider.load_model",
+                        lambda name, gguf, **placement: loads.append(name) or ("model", "tokenizer"))
+    monkeypatch.setattr("mapd.llm.local_provider.generate", lambda model, tokenizer, prompts, **kwargs: [
+        Generation(f"{model} s{seed}", 5, 2) for seed in kwargs["seeds"]])
+    voices = [TeacherConfig(name=name, model="some/model", temperature=0.7) for name in ("a", "b")]
+    other = TeacherConfig(name="c", model="other/model")
+    with Dispatcher([*voices, other], cache) as dispatcher:
+        results = dispatcher.complete_all(calls_for("a", 2) + calls_for("b", 2) + calls_for("c", 1), "local")
+    assert sorted(loads) == ["other/model", "some/model"]
+    assert len({result.text for result in results.values()}) == 5  # every call its own seed

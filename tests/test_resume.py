@@ -359,5 +359,5 @@ def test_result_fields_drop_operational_fields_at_every_depth():
     kept = result_fields(_config())
     assert set(kept) == {"task", "student", "teachers", "prompts", "review", "build", "train"}
     assert set(kept["teachers"][0]) == {"name", "model", "provider", "gguf_file", "temperature", "top_p",
-                                        "max_tokens", "extra_body", "serve"}
+                                        "max_tokens", "extra_body", "serve", "dtype"}
     assert "save_steps" not in kept["train"] and "learning_rate" in kept["train"]

@@ -20,6 +20,22 @@ def run_config(tmp_path, tiny_model_dir):
     server.close()
 
 
+@pytest.fixture(scope="module")
+def two_round_run(tmp_path_factory, tiny_model_dir):
+    """(config path, run folder): one finished two-round run of run_config's setup, shared by the tests that
+    read one (a whole pipeline run per test was the slowest part of this module)."""
+    root = tmp_path_factory.mktemp("two-rounds")
+    server = FakeOpenAIServer(reply=CountingReply()).start()
+    path, _ = write_pipeline_setup(root, server.base_url, tiny_model_dir)
+    config = yaml.safe_load(path.read_text())
+    config["rounds"] = 2
+    path.write_text(yaml.safe_dump(config))
+    out = root / "run"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    yield path, out
+    server.close()
+
+
 def test_run_every_stage_then_resume_without_calls(run_config, tmp_path, capsys):
     config_path, server = run_config
     out = tmp_path / "run"
@@ -88,27 +104,17 @@ def test_a_missing_local_model_is_refused_before_any_stage(run_config, tmp_path,
     assert not out.exists() and server.requests == 0
 
 
-def test_two_rounds(run_config, tmp_path):
-    config_path, _ = run_config
-    config = yaml.safe_load(config_path.read_text())
-    config["rounds"] = 2
-    config_path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "run"
-    assert main(["run", str(config_path), "--out", str(out)]) == 0
+def test_two_rounds(two_round_run):
+    _, out = two_round_run  # the fixture's `mapd run` exited 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["rounds"]) == 2
     assert (out / "round-1" / "model" / "config.json").exists()
 
 
-def test_eval_after_summary_holds_the_paired_comparison(run_config, tmp_path):
+def test_eval_after_summary_holds_the_paired_comparison(two_round_run):
     """Each round's eval_after summary in manifest.json: the accuracy's 95 % Wilson interval and the comparison
     with the base student (round 0's eval_before) by question id; report.md names the test and the p-value."""
-    config_path, _ = run_config
-    config = yaml.safe_load(config_path.read_text())
-    config["rounds"] = 2
-    config_path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "run"
-    assert main(["run", str(config_path), "--out", str(out)]) == 0
+    config_path, out = two_round_run  # the fixture's `mapd run` exited 0
     manifest = json.loads((out / "manifest.json").read_text())
     before = {p["id"]: p["correct"] for p in read_jsonl(out / "round-0" / "eval_before" / "predictions.jsonl")}
     markdown = (out / "report.md").read_text()

@@ -21,6 +21,10 @@ from pydantic_core import PydanticCustomError
 from mapd.errors import MapdError
 
 AnswerKind = Literal["number", "bool", "choice"]
+GenerationDtype = Literal["auto", "float32", "bfloat16"]
+GENERATION_DTYPE_HELP = ("the weights' type while generating. auto: float32 on a CPU, the checkpoint's own on a GPU; "
+                         "bfloat16 halves their memory and, on CPUs with AVX-512 BF16 or AMX, about halves the time "
+                         "(docs/default-run.md), at slightly different texts.")
 
 
 def _not_a_key(name: str) -> str:
@@ -193,6 +197,7 @@ class TeacherConfig(BaseModel):
         None, description="openai (any OpenAI-compatible endpoint) or local; inferred from base_url and serve."
     )
     gguf_file: str | None = Field(None, description="Local teacher: GGUF file name inside the model folder.")
+    dtype: GenerationDtype = Field("auto", description="Local teacher: " + GENERATION_DTYPE_HELP)
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature (the paper: 0.8).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling top-p.")
     max_tokens: int = Field(512, ge=1, le=10_000_000, description="Maximum new tokens per reply (the paper: 512).")
@@ -399,6 +404,7 @@ class StudentConfig(BaseModel):
         description="Hub id, local folder, .gguf file, or embedded:<name> (a model shipped by a PyPI package).",
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside the model folder, if any.")
+    dtype: GenerationDtype = Field("auto", description="In-process generation: " + GENERATION_DTYPE_HELP)
     max_new_tokens: int = Field(512, ge=1, description="Tokens generated per answer (the paper: 512).")
     temperature: float = Field(
         0.0, ge=0, le=2, description="Mining temperature; 0 is greedy (the paper samples at 0.3, top-p 0.9)."

@@ -92,8 +92,8 @@ def _check_size(data: Any, path: Path, line_of: Callable[[tuple], int | None]) -
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML config file; every error is one MapdError naming the file, and the line
-    and field where there is one."""
+    """Read and validate a YAML config file, the task's own checks included (mapd.tasks.get_task); every error
+    is one MapdError naming the file, and the line and field where there is one."""
     path = Path(path)
     if path.exists() and not path.is_file():
         raise MapdError(f"{path}: is a folder, expected a YAML config file")

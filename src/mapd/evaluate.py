@@ -106,7 +106,8 @@ def predict_split(
                                           cache_path=cache_path, log_path=log_path, desc=desc)
         return score(examples, outputs, task.answer_kind), seconds
     sampling = {} if greedy else {"temperature": student.temperature, "top_p": student.top_p, "seed": student.seed}
-    loaded, tokenizer = generation.load_model(student.model, student.gguf_file, device=generation.generation_device())
+    loaded, tokenizer = generation.load_model(student.model, student.gguf_file, dtype=student.dtype,
+                                              device=generation.generation_device())
     start = time.perf_counter()
     predictions = evaluate(loaded, tokenizer, examples, task.answer_kind, prompts, desc=desc,
                            batch_size=student.batch_size, max_new_tokens=student.max_new_tokens, **sampling)

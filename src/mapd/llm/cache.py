@@ -126,6 +126,8 @@ def cache_key(teacher: TeacherConfig, call: Call, identity: str | None = None) -
         fields["identity"] = identity
     if teacher.temperature > 0:
         fields["teacher"] = teacher.name
+    if teacher.dtype != "auto":  # a local teacher's weights in another type write other texts
+        fields["dtype"] = teacher.dtype
     canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

@@ -35,7 +35,7 @@ from mapd.errors import IncompleteStage, MapdError
 from mapd.llm.base import Call, CallKey, CallResult
 from mapd.llm.batch import TERMINAL, BatchProvider
 from mapd.llm.cache import CacheUnavailable, CallCache, cache_key
-from mapd.llm.local_provider import LocalProvider
+from mapd.llm.local_provider import LocalProvider, LocalWeights
 from mapd.llm.openai_provider import CHARS_PER_TOKEN, Backoff, OpenAIProvider, approx_tokens
 from mapd.secrets import api_key, check_credentials
 
@@ -192,7 +192,10 @@ class Dispatcher:
         self.budget_reached = False
         self.cache_problem: CacheUnavailable | None = None  # the cache could not be written: no new calls
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # names this process's claims
-        self._local = {name: LocalProvider(t) for name, t in self.teachers.items() if t.provider == "local"}
+        weights: dict[tuple, LocalWeights] = {}  # teachers on one local model (and dtype) share its weights
+        self._local = {name: LocalProvider(t, weights.setdefault((t.model, t.gguf_file, t.dtype),
+                                                                 LocalWeights(t.model, t.gguf_file, t.dtype)))
+                       for name, t in self.teachers.items() if t.provider == "local"}
         self._http: dict[str, OpenAIProvider] = {}  # made inside the loop, kept until close()
         self._batches: dict[str, BatchProvider] = {}  # teacher -> its batches (made on first use)
         self._batch_status: dict[str, str] = {}  # teacher -> its running batches, for the progress bar

@@ -16,13 +16,28 @@ from mapd.generation import generate, generation_device, key_seed, load_model
 from mapd.llm.base import Call, CallResult
 
 
-class LocalProvider:
-    """Generates for one local model; the model is loaded by the first batch."""
+class LocalWeights:
+    """One local model's weights, loaded by the first batch that needs them and shared by every teacher on
+    that model (two names on one model are two voices, not two copies); one batch generates at a time."""
 
-    def __init__(self, teacher: TeacherConfig) -> None:
-        self.teacher = teacher
+    def __init__(self, model: str, gguf_file: str | None, dtype: str = "auto") -> None:
+        self.model, self.gguf_file, self.dtype = model, gguf_file, dtype
         self._loaded = None
-        self._load_lock = threading.Lock()
+        self.lock = threading.Lock()  # held while loading and while a batch generates
+
+    def loaded(self):
+        """``(model, tokenizer)``; the caller holds ``lock``."""
+        if self._loaded is None:
+            self._loaded = load_model(self.model, self.gguf_file, dtype=self.dtype, device=generation_device())
+        return self._loaded
+
+
+class LocalProvider:
+    """Generates for one local teacher; its weights (``LocalWeights``, possibly shared) load with the first batch."""
+
+    def __init__(self, teacher: TeacherConfig, weights: LocalWeights | None = None) -> None:
+        self.teacher = teacher
+        self.weights = weights or LocalWeights(teacher.model, teacher.gguf_file, teacher.dtype)
         self._queue: list[tuple[Call, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
 
@@ -70,19 +85,16 @@ class LocalProvider:
         self._queue = [item for item in self._queue if id(item) not in chosen]
         return batch
 
-    def _model(self):
-        with self._load_lock:
-            if self._loaded is None:
-                self._loaded = load_model(self.teacher.model, self.teacher.gguf_file, device=generation_device())
-            return self._loaded
-
     def _generate(self, calls: list[Call]) -> list[CallResult]:
         """One batch, each call sampled with the seed its key names (a call samples the same text whichever
         batch it lands in, so records do not depend on the machine's timing).
 
         A generation error (e.g. out of memory) fails the batch's calls; a model that cannot load raises."""
-        teacher = self.teacher
-        model, tokenizer = self._model()
+        with self.weights.lock:
+            return self._generate_on(self.weights.loaded(), calls)
+
+    def _generate_on(self, loaded, calls: list[Call]) -> list[CallResult]:
+        teacher, (model, tokenizer) = self.teacher, loaded
         seeds = [key_seed(call.key.stage, call.key.id, call.key.teacher, call.key.reviewer, call.key.sample)
                  for call in calls]
         began = time.perf_counter()
