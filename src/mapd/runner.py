@@ -388,9 +388,9 @@ def run(config_path: str | None, out: Path | None = None, start: str | None = No
     _check_run_config(config, config_path or str(EMBEDDED_DEFAULT))
     if config_path is None:
         say(
-            "mapd: running the offline demonstration (embedded default). Its tiny local teachers test the "
-            "machinery and do not teach well; for real teaching, point `teachers:` at real endpoints "
-            "(see configs/paper-committee.yaml)."
+            "mapd: running the offline demonstration (embedded default): a 0.5B local committee teaches a "
+            "135M student one-digit sums, about 10 minutes on 2 CPU cores (docs/default-run.md). For real "
+            "teaching, point `teachers:` at real endpoints (mapd init paper-committee)."
         )
     run_dir = RunLayout(out or default_run_dir(config_path))
     # a mistyped local model path fails now, not after the stages before the one that loads it
