@@ -19,7 +19,7 @@ is up). Each run gets a fresh folder (``--out``, default a new temporary folder)
 Questions per minute are printed twice: over the answering alone (the seconds ``evaluate_model`` reports: model
 load and server start excluded) and end to end (the whole ``evaluate_model`` call: model load, or server start and
 stop, included). The served student is the embedded GGUF converted once to a float32 safetensors folder
-(``mapd.serve.servable``); its conversion, cached across runs, is timed separately before the served modes.
+(``mapd.models.servable``); its conversion, cached across runs, is timed separately before the served modes.
 
 Threads: the bench reads ``OMP_NUM_THREADS`` (``--threads`` sets it) before torch loads; the server inherits it,
 so both modes compute with the same number of threads. ``--request-timeout`` is ``student.timeout_s`` (600 s by
@@ -180,7 +180,7 @@ def main() -> None:
     conversion_s = None
     for mode in args.modes:
         if mode != "in-process" and conversion_s is None:
-            from mapd.serve import servable
+            from mapd.models import servable
 
             began = time.perf_counter()
             folder = servable(args.model)

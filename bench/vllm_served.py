@@ -7,7 +7,7 @@
 vLLM lives in its own virtual environment (docs/scaling.md#vllm-in-its-own-environment): ``--vllm-python`` is its
 interpreter, and mapd starts ``python -m vllm.entrypoints.openai.api_server`` with it (the CPU build's ``vllm``
 script does not start). The model is the embedded student, converted once to a float32 folder
-(``mapd.serve.servable``) and served in float32, so greedy texts can equal in-process ones.
+(``mapd.models.servable``) and served in float32, so greedy texts can equal in-process ones.
 
 1. eval: the first ``--limit`` test questions, greedy, in-process (transformers ``generate``) and served (the
    student's calls through the call path, ``--concurrency`` in flight); bench/served_eval.py's ``run_mode`` and

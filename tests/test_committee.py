@@ -174,6 +174,21 @@ def test_feedback_rationales_review_end_to_end(server, dispatcher_for):
     assert server.requests == 0  # the other settings reuse the cached calls, reviews included
 
 
+def test_a_rationale_the_gold_check_rejects_is_not_sent_for_review(server, dispatcher_for, tmp_path):
+    """With review.require_gold_answer, a rationale whose answer is not the gold cannot be accepted: its reviews
+    are not asked for (nor paid). A dry run's estimate still counts every review (an upper bound)."""
+    mistakes = mistake_records(2)
+    _, records = taught(mistakes, dispatcher_for(server), require_gold_answer=True)
+    assert [(r.teacher, len(r.reviews), r.accepted) for r in records if r.id == "q0"] == [
+        ("gpt", 2, False), ("gemini", 2, True), ("mistral", 0, False)]  # mistral answers 8, the gold is 7
+    assert review_requests(server) == 2 * 2 * 2  # gpt's and gemini's rationales, each by the two others
+    requests = server.requests
+    with CallCache(tmp_path / "dry.sqlite") as cache, Dispatcher(
+            [teacher_config(server, name) for name in COMMITTEE], cache, dry_run=True) as dry:
+        taught(mistakes, dry, require_gold_answer=True)
+    assert sum(row.calls for row in dry.estimated.values()) == 2 * (3 + 3 + 3 * 2) and server.requests == requests
+
+
 def test_one_teacher_without_review_accepts_every_rationale(server, dispatcher_for):
     dispatcher = dispatcher_for(server, ["gpt"])
     with pytest.raises(MapdError, match="at least two teachers"):

@@ -152,3 +152,19 @@ def test_an_unknown_build_mode_is_a_config_error(mode):
     with pytest.raises(MapdError, match=r"c.yaml: build.mode: unknown mode .* \(modes: mixed, single:<teacher>, "
                                         r"no-review, all\)"):
         parse_config({"build": {"mode": mode}}, "c.yaml")
+
+
+def test_task_options_reach_the_generator_and_are_checked_with_the_config():
+    """task.options: handed to reasoning-gym, checked before anything runs, only for generated tasks."""
+    from mapd.tasks import get_task
+
+    options = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    config = parse_config({"task": {"name": "reasoning_gym:chain_sum", "size": 20, "options": options}})
+    questions = [example.question for example in get_task(config.task).load("train")]
+    assert all(len(question.split(":")[1].split()) == 4 for question in questions)  # "a op b =": two terms
+    for bad, says in (({"bogus": 1}, "bogus"), ({"min_terms": 0}, "min_terms must be positive"),
+                      ({"max_digits": [1]}, "task.options.max_digits")):
+        with pytest.raises(MapdError, match=says):
+            get_task(parse_config({"task": {"name": "reasoning_gym:chain_sum", "options": bad}}).task)
+    with pytest.raises(MapdError, match="only reasoning_gym"):
+        parse_config({"task": {"name": "svamp", "options": {"min_terms": 2}}})

@@ -18,7 +18,9 @@ from mapd.generation import Generation, key_seed
 from mapd.llm import Call, CallCache, CallKey, CallResult, Dispatcher
 from mapd.llm.cache import cache_key
 from mapd.llm.dispatch import BUDGET_ERROR
-from mapd.llm.openai_provider import retry_after_s
+from mapd.llm.estimate import Estimate, longest_reply, worst_case
+from mapd.llm.openai_provider import CHARS_PER_TOKEN, retry_after_s
+from mapd.llm.tally import TeacherTally, summary_table
 from mapd.secrets import check_credentials
 
 KEY_ENV = "MAPD_TEST_LLM_KEY"
@@ -305,6 +307,36 @@ def test_summary_has_the_teach_stats_fields(cache):
                                      "batches"}
     assert row["calls"] == 5 and row["input_tokens"] > 0 and row["latency_p95_s"] >= row["latency_p50_s"]
     assert "t" in dispatcher.summary_table()
+
+
+def test_a_tally_counts_live_batch_and_failed_calls_apart():
+    """llm.tally on its own: a batch call counts in both the totals and the batch columns; a failure counts."""
+    tally = TeacherTally()
+    tally.add(CallResult(None, "a", input_tokens=10, output_tokens=5, latency_s=1.0), 0.5)
+    tally.add(CallResult(None, "b", input_tokens=20, output_tokens=7, latency_s=3.0, batch="file-1"), 0.25)
+    tally.add(CallResult(None, None, "APIError: down", latency_s=2.0, usage_estimated=True), 0.0)
+    row = tally.summary()
+    assert (row["calls"], row["failures"], row["usage_estimated"], row["input_tokens"], row["output_tokens"]) == (
+        3, 1, 1, 30, 12)
+    assert (row["batch_calls"], row["batch_input_tokens"], row["batch_output_tokens"]) == (1, 20, 7)
+    assert (row["cost_usd"], row["batch_cost_usd"], row["latency_p50_s"], row["latency_p95_s"]) == (0.75, 0.25, 2.0, 3.0)
+    table = summary_table({"t": row})
+    assert "teacher calls" in table and "0.75" in table.splitlines()[-2]  # the one row, its cost
+
+
+def test_a_dry_run_estimate_counts_the_worst_case():
+    """llm.estimate: a call not made is counted with all of max_tokens as output, and the stand-in reply is the
+    longest one max_tokens allow."""
+    judge = TeacherConfig(name="t", model="m", base_url="http://x/v1", max_tokens=100, price_input_per_mtok=1.0,
+                          price_output_per_mtok=2.0)
+    call = Call(CallKey("feedback", "1", "t"), [{"role": "user", "content": "x" * 400}])
+    estimate = Estimate()
+    estimate.add(judge, call)
+    tokens, cost = worst_case(judge, call)
+    assert (estimate.to_call, estimate.input_tokens, estimate.max_output_tokens, estimate.cost_usd) == (
+        1, tokens, 100, cost)
+    assert tokens > 0 and cost == pytest.approx((tokens * 1.0 + 100 * 2.0) / 1e6)
+    assert len(longest_reply(call.key, 100)) == CHARS_PER_TOKEN * 100
 
 
 # -- local teacher ------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from mapd import serve
-from mapd.serve import Server, ServerFailed, servable, served
+from mapd.models import servable
+from mapd.serve import Server, ServerFailed, served
 
 pytestmark = pytest.mark.timeout(120)
 

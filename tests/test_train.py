@@ -14,7 +14,8 @@ import yaml
 
 from mapd.answers import ANSWER_FORMATS
 from mapd.cli import main
-from mapd.config import BuildConfig, PromptConfig, TrainConfig
+from mapd.config import TRAINING_ARGUMENTS, BuildConfig, PromptConfig, TrainConfig
+from mapd.config_file import load_config
 from mapd.errors import MapdError
 from mapd.io import read_jsonl, write_jsonl
 from mapd.layout import RoundLayout
@@ -123,6 +124,46 @@ def test_batches_are_grouped_by_length_and_padded_dynamically(tokenizer, tiny_mo
         loader = make_trainer(config, model, tokenizer, features, tmp_path, bf16=False).get_train_dataloader()
         widths[grouped] = sum(batch["input_ids"].numel() for batch in loader)
     assert widths[True] <= widths[False] < 4 * 8 * 256  # never padded to max_length
+
+
+def test_train_args_reach_training_arguments_unrenamed(tokenizer, tiny_model, tmp_path):
+    """train.args goes to TrainingArguments as named; mapd's own fields go through the one table."""
+    from transformers import AutoModelForCausalLM
+
+    extra = {"optim": "adafactor", "dataloader_num_workers": 2, "lr_scheduler_kwargs": {"min_lr": 1e-6},
+             "dataloader_pin_memory": True}
+    config = fast_config(args=extra, max_steps=3, weight_decay=0.02, gradient_checkpointing=True)
+    features = [tokenize_pair(tokenizer, r, 96) for r in training_pairs(2)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    args = make_trainer(config, model, tokenizer, features, tmp_path, bf16=False).args
+    assert (args.optim, args.dataloader_num_workers, args.lr_scheduler_kwargs) == ("adafactor", 2, {"min_lr": 1e-6})
+    assert args.dataloader_pin_memory and args.report_to == []  # a default of mapd's that train.args may change
+    for option, field in TRAINING_ARGUMENTS.items():
+        if option not in ("bf16", "train_sampling_strategy"):  # computed from the field: checked below
+            assert getattr(args, option) == getattr(config, field), option
+    assert (args.bf16, args.train_sampling_strategy, args.output_dir) == (False, "group_by_length", str(tmp_path))
+    with pytest.raises(MapdError, match=r"^train\.args: TrainingArguments refused them: .*no_such_optimizer"):
+        make_trainer(fast_config(args={"optim": "no_such_optimizer"}), model, tokenizer, features, tmp_path, bf16=False)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"optim": "adamw_torch", "dataloader_num_worker": 2},
+     "config.yaml:4: train.args.dataloader_num_worker: not a Hugging Face TrainingArguments option; did you mean "
+     "'dataloader_num_workers'?"),
+    ({"learning_rate": 1e-4},
+     "config.yaml:3: train.args.learning_rate: mapd sets this TrainingArguments option itself, from "
+     "train.learning_rate: set that instead"),
+    ({"warmup_steps": 10}, "from train.warmup_ratio: set that instead"),
+    ({"output_dir": "/tmp/x"}, "mapd sets this TrainingArguments option itself, it is the model folder"),
+])
+def test_train_args_are_checked_when_the_config_is_loaded(tmp_path, capsys, args, message):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"train": {"args": args}}, sort_keys=False))
+    with pytest.raises(MapdError) as error:
+        load_config(config)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    config.write_text(yaml.safe_dump({"train": {"args": {"optim": "adamw_torch", "lr_scheduler_kwargs": {}}}}))
+    assert load_config(config).train.args == {"optim": "adamw_torch", "lr_scheduler_kwargs": {}}
 
 
 # ---------------------------------------------------------------- the joint loss

@@ -5,7 +5,7 @@ download (local models are not loaded; a hub dataset is read only from the Huggi
 The bound counts every question of the train split as a mistake, in every round, and every call as
 using all of its ``max_tokens``, at the teacher's prices (its batch prices where ``batch: true``). The
 calls are the ones ``mapd teach`` makes for a mistake (its Committee), tallied by the estimate a
-``--dry-run`` prints (mapd.llm.dispatch.Estimate).
+``--dry-run`` prints (mapd.llm.estimate.Estimate).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mapd.config import RunConfig, TeacherConfig
 from mapd.config_file import embedded_default_config, load_config
 from mapd.errors import MapdError
 from mapd.llm.base import Call, CallResult
-from mapd.llm.dispatch import Estimate, longest_reply
+from mapd.llm.estimate import Estimate, longest_reply
 from mapd.log import log, say
 from mapd.models import resolve_model
 from mapd.records import Mistake

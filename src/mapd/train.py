@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mapd.config import StudentConfig, TrainConfig
+from mapd.config import TRAINING_ARGUMENTS, StudentConfig, TrainConfig
 from mapd.errors import MapdError
 from mapd.log import say
 from mapd.io import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
@@ -149,30 +149,16 @@ def make_trainer(config: TrainConfig, model, tokenizer, features: list[dict[str,
                 fields = ("epoch", "loss", "loss_feedback", "loss_rationale", "learning_rate")
                 append_jsonl(out_dir / "train_log.jsonl", [{"step": state.global_step} | {k: logs.get(k) for k in fields}])
 
-    args = TrainingArguments(
-        output_dir=str(out_dir),
-        seed=config.seed,
-        data_seed=config.seed,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of all steps
-        num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        bf16=bf16,
-        activation_checkpointing=config.gradient_checkpointing,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        remove_unused_columns=False,
-        report_to="none",
-    )
+    own = {option: getattr(config, field) for option, field in TRAINING_ARGUMENTS.items()}
+    own |= {"bf16": bf16, "train_sampling_strategy": "group_by_length" if config.group_by_length else "random",
+            "output_dir": str(out_dir), "save_strategy": "steps", "remove_unused_columns": False}
+    defaults = {"dataloader_pin_memory": torch.cuda.is_available(), "report_to": "none"}  # train.args may change
+    try:
+        args = TrainingArguments(**(defaults | config.args | own))
+    except (TypeError, ValueError) as exc:
+        if not config.args:
+            raise
+        raise MapdError(f"train.args: TrainingArguments refused them: {exc}") from exc
     return JointLossTrainer(
         model=model,
         args=args,

@@ -5,6 +5,7 @@ and the statistics. Each result carries its call's key, so callers never match r
 
 Stages are coroutines that await ``complete``; ``run(coroutine)`` drives one on the dispatcher's
 event loop, which, with one HTTP client per teacher, lives as long as the dispatcher (docs/llm.md).
+The statistics it keeps and their tables are mapd.llm.tally's; a dry run's estimates, mapd.llm.estimate's.
 """
 
 from __future__ import annotations
@@ -12,22 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import io
 import logging
-import math
 import os
 import socket
-import statistics
 import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any, TypeVar
 
-from rich.console import Console
-from rich.table import Table
 from tqdm import tqdm
 
 from mapd.config import TeacherConfig
@@ -35,8 +30,10 @@ from mapd.errors import IncompleteStage, MapdError
 from mapd.llm.base import Call, CallKey, CallResult
 from mapd.llm.batch import TERMINAL, BatchProvider
 from mapd.llm.cache import CacheUnavailable, CallCache, cache_key
+from mapd.llm.estimate import Estimate, longest_reply, worst_case
 from mapd.llm.local_provider import LocalProvider, LocalWeights
-from mapd.llm.openai_provider import CHARS_PER_TOKEN, Backoff, OpenAIProvider, approx_tokens
+from mapd.llm.openai_provider import Backoff, OpenAIProvider
+from mapd.llm.tally import TeacherTally, batch_table, summary_table
 from mapd.secrets import api_key, check_credentials
 
 T = TypeVar("T")
@@ -48,74 +45,6 @@ log = logging.getLogger("mapd.llm")
 
 class BudgetExceeded(IncompleteStage):
     """Teacher spending would pass ``max_budget_usd``; the calls already made are cached."""
-
-
-@dataclass
-class TeacherTally:
-    """What one teacher did in this process (cache hits cost nothing and are not calls); its summary is plain
-    values, which the teach stage stores as the record records.TeacherStats."""
-
-    calls: int = 0
-    cache_hits: int = 0
-    failures: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    seconds: float = 0.0
-    not_made: int = 0
-    usage_estimated: int = 0
-    stopped: str | None = None
-    batch_calls: int = 0
-    batch_input_tokens: int = 0
-    batch_output_tokens: int = 0
-    batch_cost_usd: float = 0.0
-    batches: int = 0
-    latencies: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        """This teacher's statistics as plain values (the teach stage stores them as records.TeacherStats, a line
-        of teach_stats.json: docs/formats.md)."""
-        ordered = sorted(self.latencies)
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latencies"}
-        values.update(
-            cost_usd=round(self.cost_usd, 6), batch_cost_usd=round(self.batch_cost_usd, 6),
-            seconds=round(self.seconds, 3),
-            latency_p50_s=round(statistics.median(ordered), 3) if ordered else None,
-            latency_p95_s=round(ordered[math.ceil(0.95 * len(ordered)) - 1], 3) if ordered else None,
-        )
-        return values
-
-
-@dataclass
-class Estimate:
-    """A dry run's tally for one teacher: calls asked, calls not cached, and their worst case."""
-
-    calls: int = 0
-    to_call: int = 0
-    input_tokens: int = 0
-    max_output_tokens: int = 0
-    cost_usd: float = 0.0
-
-    def add(self, teacher: TeacherConfig, call: Call) -> None:
-        """Tally one call not yet made at its worst case: the reply uses all of ``max_tokens``."""
-        tokens, cost = _worst_case(teacher, call)
-        self.to_call += 1
-        self.input_tokens += tokens
-        self.max_output_tokens += teacher.max_tokens
-        self.cost_usd += cost
-
-
-def longest_reply(key: object, max_tokens: int) -> str:
-    """A stand-in reply as long as the longest one ``max_tokens`` allow (CHARS_PER_TOKEN characters a token):
-    what a dry run answers, so that the calls quoting it are estimated at their worst."""
-    return f"{key}: ".ljust(CHARS_PER_TOKEN * max_tokens, ".")
-
-
-def _worst_case(teacher: TeacherConfig, call: Call) -> tuple[int, float]:
-    """(estimated input tokens, worst-case cost: the reply uses all of max_tokens, at batch prices for a batch
-    teacher unless it may retry live)."""
-    tokens = approx_tokens(call.messages)
-    return tokens, teacher.cost(tokens, teacher.max_tokens, batch=teacher.batch and not teacher.batch_retry_live)
 
 
 async def _close_all(providers: dict[str, OpenAIProvider]) -> None:
@@ -389,7 +318,7 @@ class Dispatcher:
         """None once this process holds the call; otherwise its answer: another process's reply, or not made.
         While it waits for another process (``counted``: the call counts as being worked on), it does not."""
         while True:
-            verdict = self.cache.claim(key, self.owner, lease_s=CLAIM_LEASE_S, reserve_usd=_worst_case(teacher, call)[1],
+            verdict = self.cache.claim(key, self.owner, lease_s=CLAIM_LEASE_S, reserve_usd=worst_case(teacher, call)[1],
                                        budget_usd=self.max_budget_usd)
             if verdict == "claimed":
                 return None
@@ -434,19 +363,7 @@ class Dispatcher:
             self.cache.put(key, result, teacher.name, spent, self.owner)
         except CacheUnavailable as exc:  # paid: kept in memory (cache.unwritten), its result goes to the stage
             self._cache_trouble(exc)
-        stats = self.stats[teacher.name]
-        if result.batch is not None:
-            stats.batch_calls += 1
-            stats.batch_input_tokens += result.input_tokens
-            stats.batch_output_tokens += result.output_tokens
-            stats.batch_cost_usd += spent
-        stats.calls += 1
-        stats.failures += result.text is None
-        stats.usage_estimated += result.usage_estimated
-        stats.input_tokens += result.input_tokens
-        stats.output_tokens += result.output_tokens
-        stats.latencies.append(result.latency_s)
-        stats.cost_usd += spent
+        self.stats[teacher.name].add(result, spent)
         self.spent_usd += spent
         log.debug("call %s: teacher %s, %s, %d attempt(s), %.2f s, %d input + %d output tokens%s", result.key,
                   teacher.name, "ok" if result.text is not None else f"failed ({result.error})", result.attempts,
@@ -493,7 +410,7 @@ class Dispatcher:
                 self._provider(name), self.cache, owner=self.owner, lease_s=CLAIM_LEASE_S,
                 calm=lambda: None if self._working else self._asked,
                 reclaim=lambda call, key: self._not_made_or_claimed(teacher, call, key, counted=False),
-                reserve=lambda call: _worst_case(teacher, call)[1], on_status=status, slots=self._slots[name])
+                reserve=lambda call: worst_case(teacher, call)[1], on_status=status, slots=self._slots[name])
         return self._batches[name]
 
     async def _start(self, name: str) -> None:
@@ -548,33 +465,8 @@ class Dispatcher:
                     stale[row["input_file_id"]] = down[name] = problem
 
         self.run(refresh(), desc=None)
-        columns = ("teacher", "batch_id", "status", "requests", "completed", "failed", "unsettled", "created", "error")
-        table = Table(title=f"batches in {self.cache.path} (unsettled: requests still waiting for their batch)")
-        for column in columns:
-            table.add_column(column.replace("_", " "), justify="right" if column in columns[3:7] else "left")
-        for row in self.cache.batches():
-            row["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))
-            if row["input_file_id"] in stale:
-                row["status"] += " *"
-            table.add_row(*("-" if row[c] is None else str(row[c]) for c in columns))
-        note = "".join(f"* the last known state (as of its last poll), not asked now: {why}\n"
-                       for why in dict.fromkeys(stale.values()))
-        return _render(table) + note
+        return batch_table(self.cache.batches(), stale, self.cache.path)
 
     def summary_table(self) -> str:
         """The summary as a printable table."""
-        table = Table(title="teacher calls")
-        rows = self.summary()
-        columns = list(next(iter(rows.values()), {}))
-        table.add_column("teacher")
-        for column in columns:
-            table.add_column(column.replace("_", " "), justify="right")
-        for name, values in rows.items():
-            table.add_row(name, *("-" if values[c] is None else str(values[c]) for c in columns))
-        return _render(table)
-
-
-def _render(table: Table) -> str:
-    console = Console(file=io.StringIO(), width=160)
-    console.print(table)
-    return console.file.getvalue()
+        return summary_table(self.summary())

@@ -58,8 +58,8 @@ class Committee:
     async def rationale(self, mistake: Mistake, teacher: str) -> Rationale:
         messages = answer_messages(self.prompts, mistake.question, self.answer_kind)
         result = await self.dispatcher.complete(Call(CallKey("rationale", mistake.id, teacher), messages))
-        reviewed = result.text is not None and needs_review(
-            result.text, gold=mistake.gold, answer_kind=self.answer_kind, config=self.review, cut_off=result.cut_off)
+        reviewed = result.text is not None and (result.dry_run or needs_review(  # an estimate counts every review
+            result.text, gold=mistake.gold, answer_kind=self.answer_kind, config=self.review, cut_off=result.cut_off))
         reviews = await asyncio.gather(*(self.peer_review(mistake, teacher, result.text, reviewer)
                                          for reviewer in reviewers(teacher, self.committee, self.review))
                                        ) if reviewed else []
@@ -147,7 +147,8 @@ def _served_teachers(teachers: list[TeacherConfig], folder: RoundLayout, stack: 
     requests carry, known before it starts), the checkpoint identities that key those teachers' calls in the
     cache, and for each a starter: it starts the server (stopped when ``stack`` closes) and returns its
     base_url. The dispatcher calls it before the teacher's first call that is not cached."""
-    from mapd.serve import NOT_STARTED, servable, served, served_model_name
+    from mapd.models import servable
+    from mapd.serve import NOT_STARTED, served, served_model_name
 
     ready, identities, starters = [], {}, {}
     for teacher in teachers:
