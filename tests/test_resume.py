@@ -361,3 +361,13 @@ def test_result_fields_drop_operational_fields_at_every_depth():
     assert set(kept["teachers"][0]) == {"name", "model", "provider", "gguf_file", "temperature", "top_p",
                                         "max_tokens", "extra_body", "serve", "dtype"}
     assert "save_steps" not in kept["train"] and "learning_rate" in kept["train"]
+
+
+def test_a_field_added_by_a_later_mapd_at_its_default_is_no_change():
+    """A run folder made before a field existed resumes: the field at its default changes nothing; set, it does."""
+    new = RunConfig.model_validate({"teachers": [{"name": "gpt", "model": "m"}]}).model_dump(mode="json")
+    old = json.loads(json.dumps(new))
+    del old["train"]["args"], old["task"]["options"], old["teachers"][0]["dtype"]
+    assert config_changes(old, new) == []
+    new["train"]["args"] = {"optim": "sgd"}
+    assert config_changes(old, new) == [("train.args", False)]

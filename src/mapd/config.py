@@ -696,11 +696,22 @@ def result_fields(data: Any, model: type[BaseModel] | None = RunConfig) -> Any:
 _ABSENT = object()
 
 
+def _dumped_default(info: Any) -> Any:
+    """A field's default as a dumped config holds it."""
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        return default.model_dump(mode="json")
+    if isinstance(default, list):
+        return [item.model_dump(mode="json") if isinstance(item, BaseModel) else item for item in default]
+    return default
+
+
 def config_changes(old: Any, new: Any, model: type[BaseModel] | None = RunConfig,
                    prefix: str = "") -> list[tuple[str, bool]]:
     """``(dotted path, operational)`` for every field that differs between two dumped configs, e.g.
     ``("teachers.1.temperature", False)``, ``("max_budget_usd", True)``. Lists of sections are compared by
-    position: an added or removed teacher is ``teachers.2`` (never operational); plain dicts by key."""
+    position: an added or removed teacher is ``teachers.2`` (never operational); plain dicts by key. A field
+    the old config lacks and the new one holds at its default (added by a later mapd) is no change."""
     if isinstance(old, dict) and isinstance(new, dict):
         order = list(model.model_fields) if model is not None else []
         keys = [k for k in order if k in old or k in new] + sorted(
@@ -708,9 +719,9 @@ def config_changes(old: Any, new: Any, model: type[BaseModel] | None = RunConfig
         changes: list[tuple[str, bool]] = []
         for key in keys:
             a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-            if a == b:
-                continue
             info = model.model_fields.get(key) if model is not None else None
+            if a == b or (a is _ABSENT and info is not None and b == _dumped_default(info)):
+                continue  # a field a later mapd added, at its default, changes nothing
             path = f"{prefix}{key}"
             if _is_operational(info):
                 changes.append((path, True))
