@@ -438,7 +438,7 @@ def gold_check(rationales: list[dict], golds: dict[str, str], kind: str, grader:
 
 
 def rescore_reference(ref: Path, grader: Grader, *, show: bool) -> dict:
-    from mapd.import_reference import import_reference
+    from mapd.stages.import_reference import import_reference
     from mapd.layout import RoundLayout
 
     out: dict = {}

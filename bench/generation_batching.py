@@ -4,7 +4,7 @@
 
 ``--data`` is a folder of SVAMP <split>.jsonl files, by default $MAPD_SHARED_DATA/svamp (bench/_common.py).
 
-Mining is evaluation on the train split (mapd.stages.mine reuses mapd.evaluate), and answer
+Mining is evaluation on the train split (mapd.stages.mine reuses mapd.stages.evaluate), and answer
 extraction costs microseconds, so the questions/minute printed here is the mining throughput.
 """
 

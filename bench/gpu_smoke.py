@@ -52,7 +52,7 @@ def child_train(argv: list[str]) -> int:
     import torch
     from transformers import TrainerCallback
 
-    import mapd.train
+    import mapd.stages.train
     from mapd.cli import main
 
     clock: list[float] = []
@@ -67,7 +67,7 @@ def child_train(argv: list[str]) -> int:
             torch.cuda.synchronize() if torch.cuda.is_available() else None
             clock.append(time.perf_counter())
 
-    make_trainer = mapd.train.make_trainer
+    make_trainer = mapd.stages.train.make_trainer
 
     def clocked(*args, **kwargs):
         trainer = make_trainer(*args, **kwargs)
@@ -76,7 +76,7 @@ def child_train(argv: list[str]) -> int:
         seen["weights_dtype"] = str(next(trainer.model.parameters()).dtype).replace("torch.", "")
         return trainer
 
-    mapd.train.make_trainer = clocked
+    mapd.stages.train.make_trainer = clocked
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rc = main(argv)
@@ -126,7 +126,7 @@ def write_pairs(path: Path, folder: Path, max_length: int, count: int) -> int:
 
     from mapd.io import write_jsonl
     from mapd.records import TrainingPair
-    from mapd.train import tokenize_pair
+    from mapd.stages.train import tokenize_pair
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     sentence = "The train leaves at nine and arrives at noon, so the trip takes three hours."

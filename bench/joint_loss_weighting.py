@@ -3,14 +3,14 @@
     python bench/joint_loss_weighting.py [--data RUN/train.jsonl] [--epochs 10] [--batch-sizes 8,4]
                                          [--accumulation 2] [--alpha 0.5] [--max-length 512] [--verify]
 
-mapd.train computes, per micro-batch, ``alpha * L_feedback + (1 - alpha) * L_rationale`` where each
+mapd.stages.train computes, per micro-batch, ``alpha * L_feedback + (1 - alpha) * L_rationale`` where each
 term is the token mean over that kind's completion tokens in the micro-batch, and 0 when the
 micro-batch holds no pair of that kind. The expected loss per micro-batch is therefore
 
     alpha * P(feedback present) * E[L_feedback | present] + (1 - alpha) * P(rationale present) * E[...]
 
 so the effective weights are ``alpha * P(feedback present)`` and ``(1 - alpha) * P(rationale present)``.
-This script replays the trainer's own dataloader (mapd.train.make_trainer, the Trainer's seed, the
+This script replays the trainer's own dataloader (mapd.stages.train.make_trainer, the Trainer's seed, the
 epoch reshuffles of its training loop) over ``--epochs`` epochs and prints, per batch size and
 sampler: the share of micro-batches holding both kinds / only feedback / only rationale, the
 effective weights, their sum (1 when every micro-batch is mixed), how unevenly each kind's weight
@@ -22,7 +22,7 @@ not in mapd).
 Pairs: ``--data`` (a train.jsonl), else the reference SVAMP round-0 files in $MAPD_REFERENCE_DATA
 (bench/_common.py) imported and built with mode "mixed" (as ``mapd import-reference`` + ``mapd build
 --mode mixed``).
-Tokenizer: the embedded SmolLM2-135M-Instruct's, with its chat template (mapd.train.tokenize_pair).
+Tokenizer: the embedded SmolLM2-135M-Instruct's, with its chat template (mapd.stages.train.tokenize_pair).
 ``--verify`` also runs the real ``Trainer.train()`` loop for two epochs of batch 8 (a no-op loss on a
 tiny model) and checks that it sees the same micro-batches as the replay.
 """
@@ -102,7 +102,7 @@ class IndexedCollator:
 
 
 def make(config, tokenizer, features, scratch: Path):
-    from mapd.train import make_trainer
+    from mapd.stages.train import make_trainer
 
     trainer = make_trainer(config, tiny_model(tokenizer), tokenizer, features, scratch, bf16=False)
     trainer.data_collator = IndexedCollator(trainer.data_collator)
@@ -211,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mapd.generation import load_model
-    from mapd.train import load_pairs, tokenize_pair
+    from mapd.stages.train import load_pairs, tokenize_pair
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

@@ -28,14 +28,14 @@ sys.path.insert(0, str(REPO))  # for bench._common
 from bench._common import shared_data, svamp_reference_files  # noqa: E402
 
 from mapd.config import BuildConfig, PromptConfig, TaskConfig, TrainConfig  # noqa: E402
-from mapd.evaluate import evaluate_model  # noqa: E402
-from mapd.import_reference import import_reference  # noqa: E402
 from mapd.io import read_jsonl  # noqa: E402
 from mapd.layout import EvalLayout, RoundLayout  # noqa: E402
-from mapd.report import COLORS  # noqa: E402
+from mapd.report.render import COLORS  # noqa: E402
 from mapd.stages.build import run_build  # noqa: E402
+from mapd.stages.evaluate import evaluate_model  # noqa: E402
+from mapd.stages.import_reference import import_reference  # noqa: E402
+from mapd.stages.train import train_model  # noqa: E402
 from mapd.stats import format_p, paired_comparison, wilson_interval  # noqa: E402
-from mapd.train import train_model  # noqa: E402
 
 STUDENT = "embedded:smollm2-135m-instruct"
 # variant -> (build mode, alpha); "base" is the untrained student

@@ -4,8 +4,8 @@ rate, and the predictions that differ between the modes.
     OMP_NUM_THREADS=1 python bench/served_eval.py --data $MAPD_SHARED_DATA/svamp [--limit 100] [--max-new-tokens 160]
         [--modes in-process,served,served-cb] [--out DIR]
 
-Each mode is one ``mapd.evaluate.evaluate_model`` call (what ``mapd eval`` runs) on the first ``--limit`` questions
-of the test split, greedy, with the same ``--max-new-tokens``:
+Each mode is one ``mapd.stages.evaluate.evaluate_model`` call (what ``mapd eval`` runs) on the first ``--limit``
+questions of the test split, greedy, with the same ``--max-new-tokens``:
 
 - ``in-process``: transformers ``generate`` in this process, batches of ``--batch-size`` (mapd's default path);
 - ``served``: ``transformers serve {model} --port {port}``, started and stopped by mapd (mapd.serve), the student's
@@ -95,7 +95,7 @@ def counting_dispatcher(calls: list[dict]):
 
 def run_mode(mode: str, folder: Path, args, cache_path: Path | None, recorder: Recorder, calls: list[dict]) -> dict:
     from mapd.config import PromptConfig, StudentConfig, TaskConfig
-    from mapd.evaluate import evaluate_model
+    from mapd.stages.evaluate import evaluate_model
     from mapd.layout import EvalLayout
 
     served = mode != "in-process"

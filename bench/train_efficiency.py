@@ -12,7 +12,7 @@
     an extrapolation. Peak RSS is the whole process's (loading included).
 
 The pairs come from the reference's SVAMP round-0 files in $MAPD_REFERENCE_DATA (bench/_common.py),
-converted by mapd.import_reference and built with mode "mixed".
+converted by mapd.stages.import_reference and built with mode "mixed".
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ REFERENCE_PAD = 512  # the reference pads (and truncates) every pair to this man
 def build_pairs(out: Path) -> Path:
     """train.jsonl (mode mixed) built from the reference SVAMP files."""
     from mapd.config import BuildConfig, PromptConfig
-    from mapd.import_reference import import_reference
+    from mapd.stages.import_reference import import_reference
     from mapd.layout import RoundLayout
     from mapd.stages.build import run_build
 
@@ -69,7 +69,7 @@ def padding_figures(data: Path, batch_size: int, max_length: int) -> int:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from mapd.models import resolve_model
-    from mapd.train import load_pairs, make_trainer, tokenize_pair
+    from mapd.stages.train import load_pairs, make_trainer, tokenize_pair
 
     folder, gguf_file = resolve_model(STUDENT)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
@@ -107,7 +107,7 @@ def measure(mode: str, data: Path, steps: int, batch_size: int, max_length: int,
     """Run in a child process: time ``steps`` optimizer steps of SmolLM2 (full or lora); return figures."""
     from transformers import TrainerCallback
 
-    from mapd.train import prepare_trainer
+    from mapd.stages.train import prepare_trainer
 
     config = TrainConfig(max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
                          max_length=max_length, lora=mode == "lora", lora_dropout=lora_dropout, save_steps=10**6,

@@ -15,12 +15,12 @@ from tests.reliability_kit import (COMMITTEE, FAST, FEEDBACK_MARK, KEY_ENV, REVI
 from mapd.cli import main
 from mapd.config import PromptConfig, ReviewConfig, TeacherConfig
 from mapd.errors import MapdError
-from mapd.import_reference import import_reference
 from mapd.io import read_jsonl, write_jsonl
 from mapd.layout import RoundLayout
 from mapd.llm import CallCache, Dispatcher
 from mapd.records import Feedback, Mistake, Rationale
 from mapd.review_score import parse_score
+from mapd.stages.import_reference import import_reference
 from mapd.stages.review import accept, check_committee, reviewers
 from mapd.stages.teach import teach
 

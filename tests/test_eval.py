@@ -15,11 +15,11 @@ from mapd import generation
 from mapd.cli import main
 from mapd.config import PromptConfig, RunConfig, TaskConfig
 from mapd.errors import MapdError
-from mapd.evaluate import evaluate, metrics
 from mapd.io import read_jsonl
 from mapd.layout import EvalLayout, RoundLayout
 from mapd.prompts import answer_messages
 from mapd.records import Prediction, read_records
+from mapd.stages.evaluate import evaluate, metrics
 from mapd.stages.mine import mine, run_mine
 from mapd.tasks import Example, get_task
 

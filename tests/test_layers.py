@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mapd.io", "mapd.records", "mapd.secrets", "mapd.answers", "mapd.stats", "mapd.prompts", "mapd.review_score"),
     ("mapd.tasks", "mapd.config_file", "mapd.models", "mapd.generation"),
     ("mapd.llm", "mapd.serve"),
-    ("mapd.stages", "mapd.student", "mapd.evaluate", "mapd.train", "mapd.import_reference", "mapd.model_card"),
+    ("mapd.stages", "mapd.student", "mapd.model_card"),
     ("mapd.runner", "mapd.report", "mapd.check", "mapd.cli"),
 ]
 LEAF = {"mapd.config": {"mapd", "mapd.errors"}}  # the schema: nothing of mapd but errors

@@ -14,7 +14,7 @@ from mapd.io import write_json, write_jsonl
 from mapd.layout import RunLayout
 from mapd.model_card import card_from_run
 from mapd.records import Metrics, TrainingPair, read_records, write_document
-from mapd.train import train_model
+from mapd.stages.train import train_model
 from tests.test_train import fast_config, pairs
 
 

@@ -4,7 +4,7 @@
 What is compared with what, and why:
 
 - The joint loss is a per-*micro-batch* quantity (a token mean per kind, 0 for a kind the micro-batch
-  lacks; mapd.train), so the unit that must match is the micro-batch, not the global batch. Two
+  lacks; mapd.stages.train), so the unit that must match is the micro-batch, not the global batch. Two
   processes at ``per_device_train_batch_size`` 2 each run a micro-batch of 2 and DDP averages the two
   gradients; the one-process run that computes the same thing is batch 2 with
   ``gradient_accumulation_steps`` 2 (the Trainer divides each micro-batch's loss by 2 and sums the
@@ -179,7 +179,7 @@ def test_a_failed_launch_is_one_line_with_the_log_tail(tmp_path):
     """A launcher that fails: CommandFailed (exit code 1), one line naming the command and quoting its log."""
     from mapd.config import TrainConfig
     from mapd.serve import CommandFailed
-    from mapd.train import launch_train
+    from mapd.stages.train import launch_train
 
     launcher = f"{sys.executable} -c \"import sys; print('launcher broke', sys.argv[1:4]); sys.exit(3)\""
     with pytest.raises(CommandFailed) as failed:

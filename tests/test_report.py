@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mapd.errors import MapdError
-from mapd.import_reference import import_reference
+from mapd.stages.import_reference import import_reference
 from mapd.io import write_json, write_jsonl
 from mapd.layout import EvalLayout, RoundLayout
 from mapd.report import answer_kind, eval_summary, write_report

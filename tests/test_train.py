@@ -1,4 +1,4 @@
-"""Instruction data (mapd.stages.build) and the joint-loss trainer (mapd.train).
+"""Instruction data (mapd.stages.build) and the joint-loss trainer (mapd.stages.train).
 
 Trainer tests use the real SmolLM2 tokenizer with a tiny random Llama model (conftest's
 ``tiny_model_dir``), so labels and chat templates are the real ones and a step is quick.
@@ -21,7 +21,7 @@ from mapd.io import read_jsonl, write_jsonl
 from mapd.layout import RoundLayout
 from mapd.records import Feedback, Mistake, Rationale, TrainingPair
 from mapd.stages.build import build_pairs, infer_answer_kind, run_build
-from mapd.train import JointCollator, kind_losses, load_pairs, make_trainer, tokenize_pair, train_model
+from mapd.stages.train import JointCollator, kind_losses, load_pairs, make_trainer, tokenize_pair, train_model
 
 # ---------------------------------------------------------------- fixtures
 
@@ -451,7 +451,7 @@ def test_pair_text_is_what_the_student_sees_at_evaluation(tokenizer):
     import torch
 
     from mapd import generation
-    from mapd.evaluate import evaluate
+    from mapd.stages.evaluate import evaluate
     from mapd.prompts import answer_messages, feedback_messages
     from mapd.tasks import Example
 

@@ -41,7 +41,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
     from mapd.config import PromptConfig, StudentConfig
-    from mapd.evaluate import evaluate_model
+    from mapd.stages.evaluate import evaluate_model
     from mapd.layout import EvalLayout
 
     out = EvalLayout(Path(args.out))
@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from mapd.config import TrainConfig
     from mapd.models import resolve_model
-    from mapd.train import load_pairs, train_model
+    from mapd.stages.train import load_pairs, train_model
 
     # under `accelerate launch` every process runs this command on the same folder: no lock there
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -135,7 +135,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_import_reference(args: argparse.Namespace) -> None:
-    from mapd.import_reference import import_reference
+    from mapd.stages.import_reference import import_reference
     from mapd.layout import RoundLayout
 
     check_folder(args.out)

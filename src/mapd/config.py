@@ -399,8 +399,8 @@ class TrainConfig(BaseModel):
     model_config = SECTION
 
 
-# The TrainingArguments options mapd sets, each from one train field (mapd.train passes them through with these
-# values); train.args may not set them: one name per concept.
+# The TrainingArguments options mapd sets, each from one train field (mapd.stages.train passes them through with
+# these values); train.args may not set them: one name per concept.
 TRAINING_ARGUMENTS: dict[str, str] = {
     "seed": "seed", "data_seed": "seed", "learning_rate": "learning_rate", "lr_scheduler_type": "lr_scheduler_type",
     "warmup_steps": "warmup_ratio",  # a float below 1 is a fraction of all steps

@@ -289,11 +289,11 @@ def _seeds(config: RunConfig) -> dict[str, int]:
 
 
 def _stages() -> list[Stage]:
-    from mapd.evaluate import run_eval_after, run_eval_before
+    from mapd.stages.evaluate import run_eval_after, run_eval_before
     from mapd.stages.build import run_build
     from mapd.stages.mine import run_mine
     from mapd.stages.teach import run_teach
-    from mapd.train import run_train
+    from mapd.stages.train import run_train
 
     stages = [
         Stage("eval_before", run_eval_before, lambda f: [f.eval_before.metrics], lambda f: [f.eval_before.dir],

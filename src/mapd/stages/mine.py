@@ -8,12 +8,12 @@ from pathlib import Path
 from contextlib import nullcontext
 
 from mapd.config import PromptConfig, StudentConfig, TaskConfig
-from mapd.evaluate import predict_split, warn_if_cut_off
 from mapd.io import check_folder, folder_lock
 from mapd.layout import RoundLayout
 from mapd.log import say
 from mapd.models import resolve_model
 from mapd.records import Mistake, Prediction, write_records
+from mapd.stages.evaluate import predict_split, warn_if_cut_off
 from mapd.tasks import get_task
 
 

@@ -25,7 +25,7 @@ from mapd.records import Metrics, Prediction, write_document, write_records
 from mapd.student import served_answers, trained_student
 from mapd.tasks import Example, Task, get_task
 
-log = logging.getLogger("mapd.evaluate")
+log = logging.getLogger("mapd.stages.evaluate")
 CUT_OFF_WARNING = 0.05  # the share of outputs stopped at the token limit above which mapd says so
 
 
