@@ -23,7 +23,7 @@ from mapd.errors import MapdError
 AnswerKind = Literal["number", "bool", "choice"]
 GenerationDtype = Literal["auto", "float32", "bfloat16"]
 GENERATION_DTYPE_HELP = ("the weights' type while generating. auto: float32 on a CPU, the checkpoint's own on a GPU; "
-                         "bfloat16 halves their memory and, on CPUs with AVX-512 BF16 or AMX, about halves the time "
+                         "bfloat16 halves their memory and, on CPUs with AVX-512 BF16 or AMX, is several times faster "
                          "(docs/default-run.md), at slightly different texts.")
 
 
