@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from tests.reliability_kit import (COMMITTEE, KEY_ENV, CountingReply, dead_url, 
 
 from mapd.cli import main
 from mapd.llm import CallCache
+from mapd.llm.cache import process_owner
 
 pytestmark = pytest.mark.usefixtures("key")  # conftest: a key in $KEY_ENV for every test
 PRICED = {"price_input_per_mtok": 1000.0, "price_output_per_mtok": 1000.0}  # ~0.02 USD a call here
@@ -151,3 +153,19 @@ def test_a_reply_with_a_lone_surrogate_is_stored_not_fatal(tmp_path):
         config, mistakes = write_teach_setup(tmp_path, server.base_url, KEY_ENV, 1)
         assert teach(config, mistakes, tmp_path / "out") == 0
     assert all("\ufffd" in r["text"] for r in records(tmp_path / "out"))
+
+
+def test_a_claim_of_a_process_that_ended_on_this_machine_is_taken_at_once(tmp_path):
+    """A rerun after kill -9 does not wait out the dead process's leases; a claim of a live process, or of one
+    on another machine (whose process ids mean nothing here), still holds until its lease ends."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    me = process_owner()
+    host, namespace, _, tag = me.split(":")
+    with CallCache(tmp_path / "cache.sqlite") as cache:
+        assert cache.claim("a", f"{host}:{namespace}:{ended.pid}:{tag}", lease_s=30) == "claimed"
+        assert cache.claim("a", me, lease_s=30) == "claimed"
+        assert cache.claim("b", f"elsewhere:{namespace}:{ended.pid}:{tag}", lease_s=30) == "claimed"
+        assert cache.claim("b", me, lease_s=30) == "busy"
+        assert cache.claim("c", process_owner(), lease_s=30) == "claimed"  # this process, another dispatcher: alive
+        assert cache.claim("c", me, lease_s=30) == "busy"

@@ -134,7 +134,7 @@ def test_mapd_run_trains_under_a_launcher_and_resumes_after_sigkill(tiny_model_d
     server = FakeOpenAIServer(reply=CountingReply()).start()
     try:
         config_path, config = write_pipeline_setup(tmp_path, server.base_url, tiny_model_dir)
-        steps = 60  # enough that the kill lands mid-training
+        steps = 16  # the kill lands at the first checkpoint: enough steps are left after it
         config["train"].update(launch="accelerate launch --multi_gpu --num_processes 2", max_steps=steps,
                                save_steps=1, save_total_limit=2)
         config_path.write_text(yaml.safe_dump(config))

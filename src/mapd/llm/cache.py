@@ -7,7 +7,8 @@ by the next run.
 
 Each row keeps what its call cost, so the budget is a total over every run and process that
 shares the file. Processes sharing it claim a call before making it (a lease, renewed while the
-process lives), so two processes never pay for the same call twice; a dead process's claims expire.
+process lives), so two processes never pay for the same call twice; a dead process's claims expire, at once
+when it ran on this machine (a rerun after kill -9 waits for nothing).
 Batch API work is recorded here too (docs/batch.md): each uploaded input file and its requests, which
 stay pending (reserved against the budget, never claimed again) until their batch answered or gave up.
 
@@ -25,9 +26,11 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,6 +107,34 @@ def _finite(column: str) -> str:
     """SQL for ``column`` where it is finite, else 0: an Infinity that an earlier mapd stored (a price of .inf) never
     poisons the budget of every later run on the file."""
     return f"(CASE WHEN abs({column}) < 1e300 THEN {column} ELSE 0 END)"
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (a container has its own), so a process id is compared only within it."""
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
+    except OSError:
+        return "-"
+
+
+def process_owner() -> str:
+    """A name for this process's claims: ``host:pid namespace:pid:random``."""
+    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_gone(owner: str) -> bool:
+    """Whether ``owner`` (a :func:`process_owner`) is a process on this machine, in this PID namespace, that has
+    ended. An owner elsewhere, or one whose process id is alive (even reused), is not known to be gone."""
+    parts = owner.split(":")
+    if len(parts) != 4 or parts[:2] != [socket.gethostname(), _pid_namespace()] or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 def cache_key(teacher: TeacherConfig, call: Call, identity: str | None = None) -> str:
@@ -455,13 +486,14 @@ class CallCache:
         it, "over budget" when
         ``reserve_usd`` on top of everything paid through this cache and every live claim's reservation
         would pass ``budget_usd``, or when a budget at least as large was reached before (so a rerun with the
-        same budget makes no call; a raised one goes on). A dead process's claims expire."""
+        same budget makes no call; a raised one goes on). A dead process's claims expire (at once when it ran on
+        this machine: :func:`owner_is_gone`)."""
         now = time.time()
         with self._transaction():
             if self._db.execute("SELECT 1 FROM calls WHERE key=? AND text IS NOT NULL", (key,)).fetchone():
                 return "answered"
             holder = self._db.execute("SELECT owner FROM claims WHERE key=? AND expires>?", (key, now)).fetchone()
-            if holder is not None and holder[0] != owner:
+            if holder is not None and holder[0] != owner and not owner_is_gone(holder[0]):
                 return "busy"
             if self._db.execute("SELECT 1 FROM batch_requests WHERE key=? AND settled=0", (key,)).fetchone():
                 return "busy"  # a batch may still answer it

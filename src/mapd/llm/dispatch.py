@@ -14,10 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
-import socket
 import time
-import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
@@ -29,7 +26,7 @@ from mapd.config import TeacherConfig
 from mapd.errors import IncompleteStage, MapdError
 from mapd.llm.base import Call, CallKey, CallResult
 from mapd.llm.batch import TERMINAL, BatchProvider
-from mapd.llm.cache import CacheUnavailable, CallCache, cache_key
+from mapd.llm.cache import CacheUnavailable, CallCache, cache_key, process_owner
 from mapd.llm.estimate import Estimate, longest_reply, worst_case
 from mapd.llm.local_provider import LocalProvider, LocalWeights
 from mapd.llm.openai_provider import Backoff, OpenAIProvider
@@ -120,7 +117,7 @@ class Dispatcher:
         self.spent_usd = 0.0  # by this process
         self.budget_reached = False
         self.cache_problem: CacheUnavailable | None = None  # the cache could not be written: no new calls
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # names this process's claims
+        self.owner = process_owner()  # names this process's claims
         weights: dict[tuple, LocalWeights] = {}  # teachers on one local model (and dtype) share its weights
         self._local = {name: LocalProvider(t, weights.setdefault((t.model, t.gguf_file, t.dtype),
                                                                  LocalWeights(t.model, t.gguf_file, t.dtype)))

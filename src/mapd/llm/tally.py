@@ -85,7 +85,7 @@ def batch_table(rows: list[dict[str, Any]], stale: dict[str, str], cache_path: o
     """The batches a cache records (CallCache.batches()) as a printable table; a batch whose input file is in
     ``stale`` (input file -> why) is marked as showing its last known state."""
     columns = ("teacher", "batch_id", "status", "requests", "completed", "failed", "unsettled", "created", "error")
-    table = Table(title=f"batches in {cache_path} (unsettled: requests still waiting for their batch)")
+    table = Table(title="batches (unsettled: requests still waiting for their batch)")
     for column in columns:
         table.add_column(column.replace("_", " "), justify="right" if column in columns[3:7] else "left")
     for row in rows:
@@ -95,7 +95,7 @@ def batch_table(rows: list[dict[str, Any]], stale: dict[str, str], cache_path: o
         table.add_row(*("-" if row[c] is None else str(row[c]) for c in columns))
     note = "".join(f"* the last known state (as of its last poll), not asked now: {why}\n"
                    for why in dict.fromkeys(stale.values()))
-    return _render(table) + note
+    return f"batches in {cache_path}\n" + _render(table) + note  # the path on its own line: never wrapped
 
 
 def _render(table: Table) -> str:
