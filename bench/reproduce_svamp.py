@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))  # for bench._common
 
 from bench._common import shared_data, svamp_reference_files  # noqa: E402
 
-from mapd.config import BuildConfig, PromptConfig, TaskConfig, TrainConfig  # noqa: E402
+from mapd.config import BuildConfig, PromptConfig, StudentConfig, TaskConfig, TrainConfig  # noqa: E402
 from mapd.io import read_jsonl  # noqa: E402
 from mapd.layout import EvalLayout, RoundLayout  # noqa: E402
 from mapd.report.render import COLORS  # noqa: E402
@@ -88,10 +88,9 @@ def run_variant(name: str, args: argparse.Namespace, reference: Path, train_conf
                               round_folder.model)
         result.update(pairs=trained["pairs"], train_seconds=round(trained["seconds"], 1), train_loss=trained["train_loss"])
         model = str(round_folder.model)
-    metrics = evaluate_model(
-        EvalLayout(folder / "eval"), model=model, task=task, split="test", limit=args.eval_limit,
-        prompts=PromptConfig(), batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
-    )
+    student = StudentConfig(model=model, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
+    metrics = evaluate_model(EvalLayout(folder / "eval"), student=student, task=task, split="test",
+                             limit=args.eval_limit, prompts=PromptConfig())
     correct = round(metrics.accuracy * metrics.n)
     low, high = wilson_interval(correct, metrics.n)
     result.update(n=metrics.n, correct=correct, accuracy=metrics.accuracy, ci_low=low, ci_high=high,

@@ -4,7 +4,8 @@ import yaml
 import pytest
 
 from mapd.cli import main
-from mapd.config import RunConfig, default_config_yaml, parse_config
+from mapd.config import RunConfig, parse_config
+from mapd.config_doc import default_config_yaml
 from mapd.config_file import embedded_default_config, load_config
 from mapd.secrets import public_dump
 from mapd.errors import MapdError

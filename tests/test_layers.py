@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mapd"
 # Lowest first. A name covers the module and, for a package, everything under it.
 LAYERS: list[tuple[str, ...]] = [
     ("mapd", "mapd.errors", "mapd.log", "mapd.layout", "mapd.config"),
-    ("mapd.io", "mapd.records", "mapd.secrets", "mapd.answers", "mapd.stats", "mapd.prompts", "mapd.review_score"),
+    ("mapd.io", "mapd.config_doc", "mapd.config_diff", "mapd.records", "mapd.secrets", "mapd.answers", "mapd.stats", "mapd.prompts", "mapd.review_score"),
     ("mapd.tasks", "mapd.config_file", "mapd.models", "mapd.generation"),
     ("mapd.llm", "mapd.serve"),
     ("mapd.stages", "mapd.student", "mapd.model_card"),

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from mapd.cli import main
-from mapd.config import RunConfig, config_changes, result_fields
+from mapd.config import RunConfig
+from mapd.config_diff import config_changes, result_fields
 from mapd.secrets import public_dump
 from mapd.errors import IncompleteStage
 from mapd.io import read_jsonl

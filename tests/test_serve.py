@@ -275,6 +275,31 @@ def test_servable_converts_an_embedded_model_once(smollm_servable, monkeypatch):
     print(f"\nconversion took {seconds:.1f} s")
 
 
+def test_an_embedded_model_in_parts_is_assembled_once_by_processes_asking_at_once(tmp_path, monkeypatch):
+    """Two runs started together: one assembles the parts (under a lock), the others wait and get the same
+    verified file; no partial file is left, and a file whose bytes are not the pinned ones is refused."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mapd
+    from mapd import models
+    from mapd.errors import MapdError
+
+    configs = Path(mapd.__file__).parent / "configs"
+    parts = (("mapd", "configs/default.yaml"), ("mapd", "configs/paper-committee.yaml"))
+    whole = b"".join((configs.parent / relative).read_bytes() for _, relative in parts)
+    monkeypatch.setenv("MAPD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "parts", models.EmbeddedModel(
+        "parts.gguf", parts, hashlib.sha256(whole).hexdigest(), "pip install mapd"))
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: models.embedded_model_file("parts"), range(4)))
+    assert set(paths) == {tmp_path / "parts.gguf"} and paths[0].read_bytes() == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts.gguf", "parts.gguf.lock", "parts.ok"]
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "bad", models.EmbeddedModel("bad.gguf", parts, "0" * 64, "-"))
+    with pytest.raises(MapdError, match="bad.gguf has sha256 .*, expected 0000"):
+        models.embedded_model_file("bad")
+
+
 MESSAGES = [
     [{"role": "user", "content": "What is 2 + 3? Answer with a number."}],
     [{"role": "system", "content": "You are a concise assistant."},

@@ -35,7 +35,7 @@ def _sections() -> list[type[BaseModel]]:
             continue
         found.append(model)
         for info in model.model_fields.values():
-            section = config_module._section_model(info.annotation)
+            section = config_module.section_model(info.annotation)
             if section is not None:
                 todo.append(section)
     return found

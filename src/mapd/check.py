@@ -21,7 +21,7 @@ from mapd.config import RunConfig, TeacherConfig
 from mapd.config_file import embedded_default_config, load_config
 from mapd.errors import MapdError
 from mapd.llm.base import Call, CallResult
-from mapd.llm.estimate import Estimate, longest_reply
+from mapd.llm.estimate import Estimate, dry_run_reply, longest_reply
 from mapd.log import log, say
 from mapd.models import resolve_model
 from mapd.records import Mistake
@@ -137,7 +137,7 @@ class _Tally:
     async def complete(self, call: Call) -> CallResult:
         teacher = self.teachers[call.key.caller]
         self.estimated[teacher.name].add(teacher, call)
-        return CallResult(call.key, longest_reply(call.key, teacher.max_tokens), dry_run=True, attempts=0)
+        return dry_run_reply(teacher, call)
 
 
 @contextmanager

@@ -150,7 +150,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from mapd.config import EMBEDDED_DEFAULT, RunConfig, default_config_yaml
+    from mapd.config import EMBEDDED_DEFAULT, RunConfig
+    from mapd.config_doc import default_config_yaml
     from mapd.config_file import load_config
 
     # the YAML is the command's product (``mapd config > my.yaml``): printed as is, not logged

@@ -11,9 +11,8 @@ from collections.abc import Callable
 from string import Formatter
 from pathlib import Path
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StringConstraints,
                       ValidationError, model_validator)
 from pydantic_core import PydanticCustomError
@@ -147,10 +146,12 @@ class TaskConfig(BaseModel):
     model_config = SECTION
 
 
-class TeacherConfig(BaseModel):
-    """One teacher of the committee. With ``base_url`` it is any OpenAI-compatible endpoint
-    (OpenAI, Gemini's or Anthropic's compatibility endpoints, DeepInfra, Together, vLLM,
-    llama.cpp server, Ollama); without one, ``model`` is a local model run in-process."""
+class EndpointConfig(BaseModel):
+    """What the call path (mapd.llm) needs of a model it calls: where it is, how to sample and how to call
+    it. A teacher is one (:class:`TeacherConfig`); so is the student when a server answers for it. With
+    ``base_url`` it is any OpenAI-compatible endpoint (OpenAI, Gemini's or Anthropic's compatibility endpoints,
+    DeepInfra, Together, vLLM, llama.cpp server, Ollama); without one, ``model`` is a local model run
+    in-process."""
 
     name: Annotated[str, AfterValidator(_identifier)] = Field(
         description="Short unique name used in artifacts, file names and reports, e.g. gpt: letters, digits, - and _ "
@@ -179,20 +180,6 @@ class TeacherConfig(BaseModel):
         description="Extra query parameters whose values come from environment variables, {name: VARIABLE}, "
         "e.g. {key: GEMINI_API_KEY}; the values are treated as secrets.",
     )
-    serve: str | None = Field(
-        None,
-        description="A local teacher on a serving engine that mapd starts and stops: a command template with "
-        "{model}, {port}, {name} and {host}, e.g. 'vllm serve {model} --host {host} --port {port} "
-        "--served-model-name {name}'. It starts only when some call is not cached.",
-    )
-    host: str = Field(
-        "127.0.0.1", json_schema_extra=OPERATIONAL,
-        description="serve: the address mapd talks to the server at, passed to the template as {host} "
-        "(e.g. --host {host}); loopback by default, so the server is not reachable from other machines.",
-    )
-    ready_timeout_s: float = Field(
-        900, gt=0, le=DAY_S, json_schema_extra=OPERATIONAL,
-        description="serve: seconds to wait for the server to be ready (a large model loads for minutes).")
     provider: Literal["openai", "local"] | None = Field(
         None, description="openai (any OpenAI-compatible endpoint) or local; inferred from base_url and serve."
     )
@@ -262,13 +249,18 @@ class TeacherConfig(BaseModel):
 
     model_config = SECTION
 
+    @property
+    def served(self) -> bool:
+        """Whether mapd starts the server this endpoint is (a teacher's ``serve``)."""
+        return False
+
     @model_validator(mode="after")
-    def _infer_provider(self) -> "TeacherConfig":
-        if self.serve and self.base_url:
+    def _infer_provider(self) -> "EndpointConfig":
+        if self.served and self.base_url:
             raise ValueError("set serve (mapd starts the server) or base_url (a server already running), not both")
         if self.provider is None:
-            self.provider = "openai" if self.base_url or self.serve else "local"
-        if self.batch and (self.provider != "openai" or self.serve):
+            self.provider = "openai" if self.base_url or self.served else "local"
+        if self.batch and (self.provider != "openai" or self.served):
             raise ValueError("batch: true needs base_url, an endpoint with the Batch API; local and serve: "
                              "teachers answer live")
         return self
@@ -280,7 +272,7 @@ class TeacherConfig(BaseModel):
         from ipaddress import ip_address
         from urllib.parse import urlsplit
 
-        if self.provider == "local" or self.serve:
+        if self.provider == "local" or self.served:
             return True
         host = urlsplit(self.base_url or "").hostname or ""
         try:
@@ -292,6 +284,32 @@ class TeacherConfig(BaseModel):
         """USD cost of the given token counts at this teacher's prices (``batch``: at its batch prices)."""
         factor = self.batch_price_factor if batch else 1.0
         return factor * (input_tokens * self.price_input_per_mtok + output_tokens * self.price_output_per_mtok) / 1e6
+
+
+class TeacherConfig(EndpointConfig):
+    """One teacher of the committee: an endpoint (:class:`EndpointConfig`), or a local model that mapd serves
+    with ``serve``."""
+
+    serve: str | None = Field(
+        None,
+        description="A local teacher on a serving engine that mapd starts and stops: a command template with "
+        "{model}, {port}, {name} and {host}, e.g. 'vllm serve {model} --host {host} --port {port} "
+        "--served-model-name {name}'. It starts only when some call is not cached.",
+    )
+    host: str = Field(
+        "127.0.0.1", json_schema_extra=OPERATIONAL,
+        description="serve: the address mapd talks to the server at, passed to the template as {host} "
+        "(e.g. --host {host}); loopback by default, so the server is not reachable from other machines.",
+    )
+    ready_timeout_s: float = Field(
+        900, gt=0, le=DAY_S, json_schema_extra=OPERATIONAL,
+        description="serve: seconds to wait for the server to be ready (a large model loads for minutes).")
+    model_config = SECTION
+
+    @property
+    def served(self) -> bool:
+        """Whether mapd starts this teacher's server (``serve``)."""
+        return bool(self.serve)
 
 
 class PromptConfig(BaseModel):
@@ -621,123 +639,12 @@ def _check_meaning(config: RunConfig, source: str, line_of: Callable[[tuple], in
                             "for a literal brace)")
 
 
-def _yaml_value(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
-
-
-def _documented_lines(model: BaseModel, indent: str = "", comments: bool = True) -> list[str]:
-    lines = []
-    for name, info in type(model).model_fields.items():
-        value = getattr(model, name)
-        if comments and info.description:
-            lines.append(f"{indent}# {info.description}")
-        if isinstance(value, BaseModel):
-            lines.append(f"{indent}{name}:")
-            lines.extend(_documented_lines(value, indent + "  ", comments))
-        elif value == [] and (item := _section_model(info.annotation)) is not None:  # e.g. no teachers yet
-            lines.append(f"{indent}{name}: []")
-            lines.append(f"{indent}# each item's fields, their defaults and help text:")
-            lines.extend(f"{indent}#   {field}: {'(required)' if about.is_required() else _yaml_value(about.get_default(call_default_factory=True))}"
-                         f"  # {about.description}" for field, about in item.model_fields.items())
-        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
-            lines.append(f"{indent}{name}:")
-            for number, item in enumerate(value):  # help text once, on the first item
-                item_lines = _documented_lines(item, indent + "    ", comments and number == 0)
-                first = next(i for i, line in enumerate(item_lines) if not line.lstrip().startswith("#"))
-                item_lines[first] = f"{indent}  - " + item_lines[first].lstrip()
-                lines.extend(item_lines)
-        else:
-            lines.append(f"{indent}{name}: {_yaml_value(value)}")
-    return lines
-
-
-def default_config_yaml(config: RunConfig) -> str:
-    """``config`` as YAML with every field's help text as a comment above it."""
-    return "\n".join(_documented_lines(config)) + "\n"
-
-
-# -- resume: which config fields determine results (docs/reliability.md#resume-after-a-config-change) --------
-
-
-def _is_operational(info: Any) -> bool:
-    extra = info.json_schema_extra if info is not None else None
-    return isinstance(extra, dict) and bool(extra.get("operational"))
-
-
-def _section_model(annotation: Any) -> type[BaseModel] | None:
+def section_model(annotation: Any) -> type[BaseModel] | None:
     """The config section class inside a field's annotation (``TaskConfig``, ``list[TeacherConfig]``, ``X | None``)."""
-    from typing import get_args
-
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for argument in get_args(annotation):
-        found = _section_model(argument)
+        found = section_model(argument)
         if found is not None:
             return found
     return None
-
-
-def result_fields(data: Any, model: type[BaseModel] | None = RunConfig) -> Any:
-    """A dumped config (or section, or list of sections) without its operational fields, at every depth:
-    what is left determines results. A list item (a teacher) stays in its position."""
-    if isinstance(data, list):
-        return [result_fields(item, model) for item in data]
-    if not isinstance(data, dict) or model is None:
-        return data
-    kept = {}
-    for key, value in data.items():
-        info = model.model_fields.get(key)
-        if _is_operational(info):
-            continue
-        kept[key] = result_fields(value, _section_model(info.annotation) if info is not None else None)
-    return kept
-
-
-_ABSENT = object()
-
-
-def _dumped_default(info: Any) -> Any:
-    """A field's default as a dumped config holds it."""
-    default = info.get_default(call_default_factory=True)
-    if isinstance(default, BaseModel):
-        return default.model_dump(mode="json")
-    if isinstance(default, list):
-        return [item.model_dump(mode="json") if isinstance(item, BaseModel) else item for item in default]
-    return default
-
-
-def config_changes(old: Any, new: Any, model: type[BaseModel] | None = RunConfig,
-                   prefix: str = "") -> list[tuple[str, bool]]:
-    """``(dotted path, operational)`` for every field that differs between two dumped configs, e.g.
-    ``("teachers.1.temperature", False)``, ``("max_budget_usd", True)``. Lists of sections are compared by
-    position: an added or removed teacher is ``teachers.2`` (never operational); plain dicts by key. A field
-    the old config lacks and the new one holds at its default (added by a later mapd) is no change."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        order = list(model.model_fields) if model is not None else []
-        keys = [k for k in order if k in old or k in new] + sorted(
-            (k for k in {*old, *new} if k not in order), key=str)
-        changes: list[tuple[str, bool]] = []
-        for key in keys:
-            a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-            info = model.model_fields.get(key) if model is not None else None
-            if a == b or (a is _ABSENT and info is not None and b == _dumped_default(info)):
-                continue  # a field a later mapd added, at its default, changes nothing
-            path = f"{prefix}{key}"
-            if _is_operational(info):
-                changes.append((path, True))
-            elif a is _ABSENT or b is _ABSENT:
-                changes.append((path, False))
-            else:
-                sub = _section_model(info.annotation) if info is not None else None
-                changes.extend(config_changes(a, b, sub, f"{path}."))
-        return changes
-    if isinstance(old, list) and isinstance(new, list) and model is not None:
-        changes = []
-        for index in range(max(len(old), len(new))):
-            path = f"{prefix}{index}"
-            if index >= len(old) or index >= len(new):
-                changes.append((path, False))
-            elif old[index] != new[index]:
-                changes.extend(config_changes(old[index], new[index], model, f"{path}."))
-        return changes
-    return [] if old == new else [(prefix.removesuffix(".") or "(top level)", False)]

@@ -97,20 +97,31 @@ def embedded_model_file(name: str, assemble: bool = True) -> Path:
         target = cache_dir() / spec.file_name
         verified_mark = target.with_suffix(".ok")
         if not (target.is_file() and verified_mark.is_file()):
+            from filelock import FileLock
+
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".partial")
-            with open(partial, "wb") as out:
-                for part in parts:
-                    out.write(part.read_bytes())
-            os.replace(partial, target)
-            verified_mark.unlink(missing_ok=True)
+            with FileLock(str(target) + ".lock"):  # two processes assembling at once: one writes, one waits
+                if not (target.is_file() and verified_mark.is_file()):
+                    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+                    with open(partial, "wb") as out:
+                        for part in parts:
+                            out.write(part.read_bytes())
+                    verified_mark.unlink(missing_ok=True)
+                    os.replace(partial, target)
+                    _verify(name, target, verified_mark)
     if not verified_mark.is_file():
-        actual = _sha256(target)
-        if actual != spec.sha256:
-            raise MapdError(f"model embedded:{name}: {target} has sha256 {actual}, expected {spec.sha256}")
-        verified_mark.parent.mkdir(parents=True, exist_ok=True)
-        verified_mark.write_text(spec.sha256 + "\n")
+        _verify(name, target, verified_mark)
     return target
+
+
+def _verify(name: str, target: Path, verified_mark: Path) -> None:
+    """Check an embedded model's file against its pinned sha256, and leave a mark that it was checked."""
+    expected = EMBEDDED_MODELS[name].sha256
+    actual = _sha256(target)
+    if actual != expected:
+        raise MapdError(f"model embedded:{name}: {target} has sha256 {actual}, expected {expected}")
+    verified_mark.parent.mkdir(parents=True, exist_ok=True)
+    verified_mark.write_text(expected + "\n")
 
 
 def resolve_model(name: str, gguf_file: str | None = None, assemble: bool = True) -> tuple[str, str | None]:

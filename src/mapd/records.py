@@ -135,15 +135,16 @@ class Metrics(Record):
 
 
 class TeacherStats(Record):
-    """One teacher's line of teach_stats.json (calls made in one process; cache hits cost nothing)."""
+    """One teacher's line of teach_stats.json (calls made in one process; cache hits cost nothing). The one list
+    of these statistics: the call path counts them by name (llm.tally), and a count it never made is 0."""
 
-    calls: int = Field(ge=0, description="Calls made to the teacher, cache hits not included.")
-    cache_hits: int = Field(ge=0, description="Calls answered from the call cache.")
-    failures: int = Field(ge=0, description="Made calls that ended with an error.")
-    input_tokens: int = Field(ge=0, description="Prompt tokens of the made calls.")
-    output_tokens: int = Field(ge=0, description="Completion tokens of the made calls.")
-    cost_usd: float = Field(ge=0, description="Cost of the made calls at the teacher's prices.")
-    seconds: float = Field(ge=0, description="Wall time the teacher had calls running.")
+    calls: int = Field(0, ge=0, description="Calls made to the teacher, cache hits not included.")
+    cache_hits: int = Field(0, ge=0, description="Calls answered from the call cache.")
+    failures: int = Field(0, ge=0, description="Made calls that ended with an error.")
+    input_tokens: int = Field(0, ge=0, description="Prompt tokens of the made calls.")
+    output_tokens: int = Field(0, ge=0, description="Completion tokens of the made calls.")
+    cost_usd: float = Field(0.0, ge=0, description="Cost of the made calls at the teacher's prices.")
+    seconds: float = Field(0.0, ge=0, description="Wall time the teacher had calls running.")
     not_made: int = Field(0, ge=0, description="Calls not made: the budget was reached or the teacher was stopped.")
     usage_estimated: int = Field(
         0, ge=0, description="Made calls whose token counts were estimated from the text (usage missing or unbelievable).")

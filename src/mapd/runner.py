@@ -37,7 +37,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mapd.config import EMBEDDED_DEFAULT, RunConfig, config_changes, result_fields
+from mapd.config import EMBEDDED_DEFAULT, RunConfig
+from mapd.config_diff import config_changes, result_fields
 from mapd.config_file import embedded_default_config, load_config
 from mapd.errors import IncompleteStage, MapdError
 from mapd.log import say

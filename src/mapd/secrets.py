@@ -25,7 +25,7 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit, url
 from mapd.errors import MapdError
 
 if TYPE_CHECKING:
-    from mapd.config import RunConfig, TeacherConfig
+    from mapd.config import EndpointConfig, RunConfig
 
 _KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|AIza[0-9A-Za-z_\-]{20,}|Bearer\s+[^\s\"'<>,;]+)")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -116,7 +116,7 @@ def api_key(env_var: str | None, teacher: str) -> str:
     return env_secret(env_var, teacher, "the API key")
 
 
-def check_credentials(teachers: Iterable[TeacherConfig]) -> None:
+def check_credentials(teachers: Iterable[EndpointConfig]) -> None:
     """MapdError, before any call, when an endpoint teacher's key, ``headers_env`` or ``query_env`` variable
     is unset (the error names the variable, never a value)."""
     for teacher in teachers:
@@ -134,7 +134,7 @@ class Endpoint:
     secrets: tuple[str, ...] = ()  # every credential value, to redact from whatever is shown or stored
 
 
-def endpoint(teacher: TeacherConfig, key: str | None = None) -> Endpoint:
+def endpoint(teacher: EndpointConfig, key: str | None = None) -> Endpoint:
     """The teacher's URL, headers and query; ``key`` (its API key, when it has one) joins the secrets.
     MapdError, naming the variable, when a ``headers_env`` / ``query_env`` variable is unset."""
     secrets: list[str] = [key] if key and teacher.api_key_env else []

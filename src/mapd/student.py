@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
-from mapd.config import PromptConfig, StudentConfig, TeacherConfig
+from mapd.config import EndpointConfig, PromptConfig, StudentConfig
 from mapd.errors import IncompleteStage
 from mapd.generation import Generation
 from mapd.llm import Call, CallCache, CallKey, Dispatcher
@@ -117,7 +117,7 @@ def served_answers(student: StudentConfig, examples: list[Example], answer_kind:
     the stage incomplete (what was answered stays cached)."""
     sampling = not greedy and student.temperature > 0
     reference, name = _reference_and_name(student)
-    config = TeacherConfig(
+    config = EndpointConfig(  # the student's server, as the call path calls any endpoint
         name=STUDENT, model=name, base_url=student.base_url or NOT_STARTED,
         api_key_env=student.api_key_env, temperature=student.temperature if sampling else 0.0,
         top_p=student.top_p if sampling else 1.0, max_tokens=student.max_new_tokens,

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from mapd.config import TeacherConfig
+from mapd.config import EndpointConfig
 from mapd.errors import IncompleteStage, MapdError
 from mapd.llm.base import Call, CallResult
 
@@ -137,7 +137,7 @@ def owner_is_gone(owner: str) -> bool:
     return False
 
 
-def cache_key(teacher: TeacherConfig, call: Call, identity: str | None = None) -> str:
+def cache_key(teacher: EndpointConfig, call: Call, identity: str | None = None) -> str:
     """sha256 of a canonical JSON of everything that decides the reply (no URL, no key). ``identity`` names
     the weights behind a served model (a checkpoint's fingerprint), so a trained student is never answered
     from its base model's calls. A sampling teacher's name is part of it: two teachers on one model at

@@ -22,15 +22,15 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from mapd.config import TeacherConfig
+from mapd.config import EndpointConfig
 from mapd.errors import IncompleteStage, MapdError
 from mapd.llm.base import Call, CallKey, CallResult
 from mapd.llm.batch import TERMINAL, BatchProvider
 from mapd.llm.cache import CacheUnavailable, CallCache, cache_key, process_owner
-from mapd.llm.estimate import Estimate, longest_reply, worst_case
+from mapd.llm.estimate import Estimate, dry_run_reply, worst_case
 from mapd.llm.local_provider import LocalProvider, LocalWeights
 from mapd.llm.openai_provider import Backoff, OpenAIProvider
-from mapd.llm.tally import TeacherTally, batch_table, summary_table
+from mapd.llm.tally import TeacherTally, batch_table
 from mapd.secrets import api_key, check_credentials
 
 T = TypeVar("T")
@@ -93,7 +93,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        teachers: list[TeacherConfig],
+        teachers: list[EndpointConfig],
         cache: CallCache,
         *,
         max_budget_usd: float | None = None,
@@ -240,7 +240,7 @@ class Dispatcher:
                 self._cache_trouble(exc)
                 hit = None
             if hit is not None:
-                self.stats[name].cache_hits += 1
+                self.stats[name].counts["cache_hits"] += 1
                 if self.dry_run:  # a call asked (and already paid for): counted, not to call
                     self.estimated.setdefault(name, Estimate()).calls += 1
                 return hit.of(call.key)
@@ -253,7 +253,7 @@ class Dispatcher:
             if self._bar is not None:
                 self._bar.update()
 
-    async def _make(self, teacher: TeacherConfig, call: Call, key: str) -> CallResult:
+    async def _make(self, teacher: EndpointConfig, call: Call, key: str) -> CallResult:
         """One call to the model within the teacher's concurrency and the budget; cached and counted. A batch
         teacher's call waits for its batch; so does any call that a batch submitted earlier may still answer."""
         name = teacher.name
@@ -288,16 +288,16 @@ class Dispatcher:
             self._record(teacher, key, result)
         return result
 
-    def _limited(self, teacher: TeacherConfig) -> bool:
+    def _limited(self, teacher: EndpointConfig) -> bool:
         """Whether ``_make`` holds a request slot while it makes the teacher's call (a local model's queue and
         batches need none; a batch's calls made live take one then)."""
         return teacher.name not in self._local and not teacher.batch
 
-    def _slot(self, teacher: TeacherConfig) -> contextlib.AbstractAsyncContextManager:
+    def _slot(self, teacher: EndpointConfig) -> contextlib.AbstractAsyncContextManager:
         """Where the teacher's calls wait for a free request slot."""
         return self._slots[teacher.name] if self._limited(teacher) else contextlib.nullcontext()
 
-    async def _not_made_or_claimed(self, teacher: TeacherConfig, call: Call, key: str,
+    async def _not_made_or_claimed(self, teacher: EndpointConfig, call: Call, key: str,
                                    counted: bool = True) -> CallResult | None:
         """None once this process may make the call; else its answer (another process's) or why it is not made."""
         stopped = None if teacher.name in self._local else self._provider(teacher.name).stopped
@@ -311,7 +311,7 @@ class Dispatcher:
                 self._cache_trouble(problem := exc)
         return self._not_made(teacher, call, f"CacheUnavailable: the call cache is {problem.condition}")
 
-    async def _claim(self, teacher: TeacherConfig, call: Call, key: str, counted: bool = True) -> CallResult | None:
+    async def _claim(self, teacher: EndpointConfig, call: Call, key: str, counted: bool = True) -> CallResult | None:
         """None once this process holds the call; otherwise its answer: another process's reply, or not made.
         While it waits for another process (``counted``: the call counts as being worked on), it does not."""
         while True:
@@ -320,7 +320,7 @@ class Dispatcher:
             if verdict == "claimed":
                 return None
             if verdict == "answered" and (hit := self.cache.get(key)) is not None:
-                self.stats[teacher.name].cache_hits += 1
+                self.stats[teacher.name].counts["cache_hits"] += 1
                 return hit
             if verdict == "over budget":
                 if not self.budget_reached:
@@ -332,7 +332,7 @@ class Dispatcher:
                 await asyncio.sleep(CLAIM_POLL_S)
             hit = self.cache.get(key)
             if hit is not None:
-                self.stats[teacher.name].cache_hits += 1
+                self.stats[teacher.name].counts["cache_hits"] += 1
                 return hit
             pending = self.cache.pending_batch(key)
             if pending is not None:  # that process submitted it in a batch: wait for the batch
@@ -350,11 +350,11 @@ class Dispatcher:
         finally:
             self._working += counted
 
-    def _not_made(self, teacher: TeacherConfig, call: Call, why: str) -> CallResult:
-        self.stats[teacher.name].not_made += 1
+    def _not_made(self, teacher: EndpointConfig, call: Call, why: str) -> CallResult:
+        self.stats[teacher.name].counts["not_made"] += 1
         return CallResult(call.key, None, why, attempts=0)
 
-    def _record(self, teacher: TeacherConfig, key: str, result: CallResult) -> None:
+    def _record(self, teacher: EndpointConfig, key: str, result: CallResult) -> None:
         spent = teacher.cost(result.input_tokens, result.output_tokens, batch=result.batch is not None)
         try:
             self.cache.put(key, result, teacher.name, spent, self.owner)
@@ -380,7 +380,7 @@ class Dispatcher:
             notes += [f"{name}: {line}" for name, line in self._batch_status.items() if line]
             self._bar.set_postfix_str("; ".join(notes), refresh=False)
 
-    def _stand_in(self, teacher: TeacherConfig, call: Call, key: str) -> CallResult:
+    def _stand_in(self, teacher: EndpointConfig, call: Call, key: str) -> CallResult:
         """A dry run's reply: tallied once per distinct call, as long as the longest reply (CHARS_PER_TOKEN
         characters a token)."""
         row = self.estimated.setdefault(teacher.name, Estimate())
@@ -388,7 +388,7 @@ class Dispatcher:
         if key not in self._estimated_keys:
             self._estimated_keys.add(key)
             row.add(teacher, call)
-        return CallResult(call.key, longest_reply(call.key, teacher.max_tokens), dry_run=True, attempts=0)
+        return dry_run_reply(teacher, call)
 
     def _started(self, name: str) -> None:
         self._busy.setdefault(name, [time.perf_counter()] * 2)
@@ -440,7 +440,7 @@ class Dispatcher:
         for name, provider in self._http.items():
             self.stats[name].stopped = provider.stopped
         for name, batches in self._batches.items():
-            self.stats[name].batches = batches.submitted
+            self.stats[name].counts["batches"] = batches.submitted
         return {name: stats.summary() for name, stats in self.stats.items()}
 
     def batch_table(self) -> str:
@@ -464,6 +464,3 @@ class Dispatcher:
         self.run(refresh(), desc=None)
         return batch_table(self.cache.batches(), stale, self.cache.path)
 
-    def summary_table(self) -> str:
-        """The summary as a printable table."""
-        return summary_table(self.summary())

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mapd.config import TeacherConfig
-from mapd.llm.base import Call
+from mapd.config import EndpointConfig
+from mapd.llm.base import Call, CallResult
 from mapd.llm.openai_provider import CHARS_PER_TOKEN, approx_tokens
 
 
@@ -22,7 +22,7 @@ class Estimate:
     max_output_tokens: int = 0
     cost_usd: float = 0.0
 
-    def add(self, teacher: TeacherConfig, call: Call) -> None:
+    def add(self, teacher: EndpointConfig, call: Call) -> None:
         """Tally one call not yet made at its worst case: the reply uses all of ``max_tokens``."""
         tokens, cost = worst_case(teacher, call)
         self.to_call += 1
@@ -37,7 +37,12 @@ def longest_reply(key: object, max_tokens: int) -> str:
     return f"{key}: ".ljust(CHARS_PER_TOKEN * max_tokens, ".")
 
 
-def worst_case(teacher: TeacherConfig, call: Call) -> tuple[int, float]:
+def dry_run_reply(teacher: EndpointConfig, call: Call) -> CallResult:
+    """What a dry run answers ``call`` with: the longest reply the teacher may give, under the call's key."""
+    return CallResult(call.key, longest_reply(call.key, teacher.max_tokens), dry_run=True, attempts=0)
+
+
+def worst_case(teacher: EndpointConfig, call: Call) -> tuple[int, float]:
     """(estimated input tokens, worst-case cost: the reply uses all of max_tokens, at batch prices for a batch
     teacher unless it may retry live); also what the budget reserves while a call is made."""
     tokens = approx_tokens(call.messages)

@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 
-from mapd.config import TeacherConfig
+from mapd.config import EndpointConfig
 from mapd.generation import generate, generation_device, key_seed, load_model
 from mapd.llm.base import Call, CallResult
 
@@ -35,7 +35,7 @@ class LocalWeights:
 class LocalProvider:
     """Generates for one local teacher; its weights (``LocalWeights``, possibly shared) load with the first batch."""
 
-    def __init__(self, teacher: TeacherConfig, weights: LocalWeights | None = None) -> None:
+    def __init__(self, teacher: EndpointConfig, weights: LocalWeights | None = None) -> None:
         self.teacher = teacher
         self.weights = weights or LocalWeights(teacher.model, teacher.gguf_file, teacher.dtype)
         self._queue: list[tuple[Call, asyncio.Future]] = []

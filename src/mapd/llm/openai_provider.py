@@ -31,7 +31,7 @@ from aiolimiter import AsyncLimiter
 from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential,
                       wait_random)
 
-from mapd.config import TeacherConfig
+from mapd.config import EndpointConfig
 from mapd.llm.base import Call, CallResult
 from mapd.secrets import Redactor, endpoint, protect_logs, redact_url
 
@@ -76,7 +76,7 @@ USAGE_LIMIT = 10_000_000  # token counts above this are not believed
 MAX_CHARS_PER_TOKEN = 32  # nor counts below the text's length / this: no tokenizer packs that much text a token
 
 
-def request_body(teacher: TeacherConfig, messages: list[dict[str, str]]) -> dict:
+def request_body(teacher: EndpointConfig, messages: list[dict[str, str]]) -> dict:
     """The JSON body of one chat completion request (live, or a line of a batch input file)."""
     return {"model": teacher.model, "messages": messages, "temperature": teacher.temperature, "top_p": teacher.top_p,
             teacher.max_tokens_field: teacher.max_tokens, **teacher.extra_body}
@@ -135,7 +135,7 @@ class OpenAIProvider:
     """Calls one OpenAI-compatible teacher. Create it inside the event loop that uses it, and keep it
     for many calls: a new client's first requests pay for opening its connections."""
 
-    def __init__(self, teacher: TeacherConfig, api_key: str, backoff: Backoff = Backoff(), *,
+    def __init__(self, teacher: EndpointConfig, api_key: str, backoff: Backoff = Backoff(), *,
                  who: str | None = None) -> None:
         self.teacher = teacher
         self.who = who or f"teacher {teacher.name}"  # how log lines name the endpoint's role, e.g. "the student"

@@ -9,7 +9,7 @@ import io
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, fields
+from collections import Counter
 from typing import Any
 
 from rich.console import Console
@@ -18,59 +18,47 @@ from rich.table import Table
 from mapd.llm.base import CallResult
 
 
-@dataclass
 class TeacherTally:
-    """What one teacher did in this process (cache hits cost nothing and are not calls); its summary is plain
-    values, which the teach stage stores as the record records.TeacherStats."""
+    """What one teacher did in this process (cache hits cost nothing and are not calls), counted by name. It
+    declares no list of fields: records.TeacherStats does, once, and the teach stage stores this tally's
+    ``summary()`` as that record (a counter it does not know is refused there, one never counted is 0)."""
 
-    calls: int = 0
-    cache_hits: int = 0
-    failures: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    seconds: float = 0.0
-    not_made: int = 0
-    usage_estimated: int = 0
-    stopped: str | None = None
-    batch_calls: int = 0
-    batch_input_tokens: int = 0
-    batch_output_tokens: int = 0
-    batch_cost_usd: float = 0.0
-    batches: int = 0
-    latencies: list[float] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.cost: Counter[str] = Counter()  # USD: cost_usd, batch_cost_usd
+        self.seconds = 0.0
+        self.stopped: str | None = None
+        self.latencies: list[float] = []
 
     def add(self, result: CallResult, spent_usd: float) -> None:
         """Count one call made (live or in a batch) that cost ``spent_usd``."""
+        made = Counter(calls=1, failures=result.text is None, usage_estimated=result.usage_estimated,
+                       input_tokens=result.input_tokens, output_tokens=result.output_tokens)
+        self.cost["cost_usd"] += spent_usd
         if result.batch is not None:
-            self.batch_calls += 1
-            self.batch_input_tokens += result.input_tokens
-            self.batch_output_tokens += result.output_tokens
-            self.batch_cost_usd += spent_usd
-        self.calls += 1
-        self.failures += result.text is None
-        self.usage_estimated += result.usage_estimated
-        self.input_tokens += result.input_tokens
-        self.output_tokens += result.output_tokens
+            made.update(batch_calls=1, batch_input_tokens=result.input_tokens,
+                        batch_output_tokens=result.output_tokens)
+            self.cost["batch_cost_usd"] += spent_usd
+        self.counts.update(made)
         self.latencies.append(result.latency_s)
-        self.cost_usd += spent_usd
 
-    def summary(self) -> dict[str, Any]:
-        """This teacher's statistics as plain values (the teach stage stores them as records.TeacherStats, a line
-        of teach_stats.json: docs/formats.md)."""
+    def summary(self) -> Counter[str]:
+        """This teacher's statistics as plain values: what it counted, its cost, time and latency percentiles
+        (the teach stage stores them as records.TeacherStats, a line of teach_stats.json: docs/formats.md). A
+        Counter, so a count never made reads 0."""
         ordered = sorted(self.latencies)
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latencies"}
-        values.update(
-            cost_usd=round(self.cost_usd, 6), batch_cost_usd=round(self.batch_cost_usd, 6),
-            seconds=round(self.seconds, 3),
-            latency_p50_s=round(statistics.median(ordered), 3) if ordered else None,
-            latency_p95_s=round(ordered[math.ceil(0.95 * len(ordered)) - 1], 3) if ordered else None,
-        )
-        return values
+        return Counter({
+            **{name: int(value) for name, value in self.counts.items()},
+            **{name: round(value, 6) for name, value in self.cost.items()},
+            "seconds": round(self.seconds, 3), "stopped": self.stopped,
+            "latency_p50_s": round(statistics.median(ordered), 3) if ordered else None,
+            "latency_p95_s": round(ordered[math.ceil(0.95 * len(ordered)) - 1], 3) if ordered else None,
+        })
 
 
 def summary_table(rows: dict[str, dict[str, Any]]) -> str:
-    """``{teacher: its summary}`` (TeacherTally.summary) as a printable table."""
+    """``{teacher: its statistics}``, every row with the same fields (records.TeacherStats), as a printable
+    table."""
     table = Table(title="teacher calls")
     columns = list(next(iter(rows.values()), {}))
     table.add_column("teacher")

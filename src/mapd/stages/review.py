@@ -54,7 +54,12 @@ def own_answer(text: str, answer_kind: str, cut_off: bool | None) -> str | None:
 def needs_review(text: str, *, gold: str, answer_kind: str, config: ReviewConfig, cut_off: bool | None) -> bool:
     """Whether peer review can still accept this rationale: with ``require_gold_answer`` one whose own answer is
     not the gold is rejected whatever its scores, so its reviews are not asked for (and not paid)."""
-    return not config.require_gold_answer or is_correct(own_answer(text, answer_kind, cut_off), gold, answer_kind)
+    return _gold_check_passes(own_answer(text, answer_kind, cut_off), gold, answer_kind, config)
+
+
+def _gold_check_passes(answer: str | None, gold: str, answer_kind: str, config: ReviewConfig) -> bool:
+    """``require_gold_answer``: a rationale whose own answer is not the gold is never accepted."""
+    return not config.require_gold_answer or is_correct(answer, gold, answer_kind)
 
 
 def judged(mistake_id: str, teacher: str, text: str | None, error: str | None, reviews: list[Review], *,
@@ -63,7 +68,6 @@ def judged(mistake_id: str, teacher: str, text: str | None, error: str | None, r
     explicitly), its reviews, their aggregate and the verdict. A failed rationale (no text) is never accepted."""
     answer = None if text is None else own_answer(text, answer_kind, cut_off)
     mean_score, accepted = accept([review.score for review in reviews], config)
-    if config.require_gold_answer:
-        accepted = accepted and is_correct(answer, gold, answer_kind)
+    accepted = accepted and _gold_check_passes(answer, gold, answer_kind, config)
     return Rationale(id=mistake_id, teacher=teacher, text=text, error=error, answer=answer, cut_off=cut_off,
                      reviews=reviews, mean_score=mean_score, accepted=accepted and text is not None)

@@ -24,6 +24,7 @@ from mapd.io import check_folder, folder_lock
 from mapd.layout import RoundLayout, RunLayout
 from mapd.llm import BudgetExceeded, Call, CallCache, CallKey, Dispatcher
 from mapd.llm.cache import check_cache_path
+from mapd.llm.tally import summary_table
 from mapd.models import check_local_teachers, checkpoint_identity
 from mapd.prompts import answer_messages, feedback_messages, review_messages
 from mapd.records import Feedback, Mistake, Rationale, Review, TeachStats, read_mistakes, write_document, write_records
@@ -181,7 +182,7 @@ def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list
                                          answer_kind=answer_kind)
         finally:  # also when the budget stops the run: what was spent
             if not dry_run:
-                say(dispatcher.summary_table())
+                say(summary_table(TeachStats(dispatcher.summary()).model_dump()))
     if dry_run:
         _print_estimate(dispatcher)
         return {"dry_run": {name: vars(row) for name, row in dispatcher.estimated.items()}}
