@@ -55,10 +55,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from mapd.models import resolve_model
+    from mapd.models import servable
 
-    folder, gguf_file = resolve_model("embedded:smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    # the converted folder (made once, shared by every worker and run) loads in a fraction of the GGUF's time
+    tokenizer = AutoTokenizer.from_pretrained(servable("embedded:smollm2-135m-instruct"))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

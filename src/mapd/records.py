@@ -8,6 +8,7 @@ stored as strings; booleans must be JSON booleans (``"false"`` is refused, never
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, StrictBool, StrictStr, ValidationError
@@ -136,15 +137,16 @@ class Metrics(Record):
 
 class TeacherStats(Record):
     """One teacher's line of teach_stats.json (calls made in one process; cache hits cost nothing). The one list
-    of these statistics: the call path counts them by name (llm.tally), and a count it never made is 0."""
+    of these statistics: the call path counts them by name (llm.tally), and :meth:`from_counts` makes the
+    record of what it counted."""
 
-    calls: int = Field(0, ge=0, description="Calls made to the teacher, cache hits not included.")
-    cache_hits: int = Field(0, ge=0, description="Calls answered from the call cache.")
-    failures: int = Field(0, ge=0, description="Made calls that ended with an error.")
-    input_tokens: int = Field(0, ge=0, description="Prompt tokens of the made calls.")
-    output_tokens: int = Field(0, ge=0, description="Completion tokens of the made calls.")
-    cost_usd: float = Field(0.0, ge=0, description="Cost of the made calls at the teacher's prices.")
-    seconds: float = Field(0.0, ge=0, description="Wall time the teacher had calls running.")
+    calls: int = Field(ge=0, description="Calls made to the teacher, cache hits not included.")
+    cache_hits: int = Field(ge=0, description="Calls answered from the call cache.")
+    failures: int = Field(ge=0, description="Made calls that ended with an error.")
+    input_tokens: int = Field(ge=0, description="Prompt tokens of the made calls.")
+    output_tokens: int = Field(ge=0, description="Completion tokens of the made calls.")
+    cost_usd: float = Field(ge=0, description="Cost of the made calls at the teacher's prices.")
+    seconds: float = Field(ge=0, description="Wall time the teacher had calls running.")
     not_made: int = Field(0, ge=0, description="Calls not made: the budget was reached or the teacher was stopped.")
     usage_estimated: int = Field(
         0, ge=0, description="Made calls whose token counts were estimated from the text (usage missing or unbelievable).")
@@ -156,6 +158,14 @@ class TeacherStats(Record):
     batches: int = Field(0, ge=0, description="Batches this process submitted.")
     latency_p50_s: float | None = Field(description="Median latency per made call, retries included; null when none.")
     latency_p95_s: float | None = Field(description="95th percentile latency; null when none.")
+
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, Any]) -> "TeacherStats":
+        """The record of the call path's plain statistics (Dispatcher.summary()): a count never made is 0. A
+        file read with :func:`read_document` must hold every field."""
+        zeros = {name: 0 for name, info in cls.model_fields.items() if info.annotation in (int, float)}
+        return cls.model_validate({**zeros, **counts})
 
 
 class TeachStats(RootModel[dict[str, TeacherStats]]):

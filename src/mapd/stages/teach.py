@@ -27,7 +27,8 @@ from mapd.llm.cache import check_cache_path
 from mapd.llm.tally import summary_table
 from mapd.models import check_local_teachers, checkpoint_identity
 from mapd.prompts import answer_messages, feedback_messages, review_messages
-from mapd.records import Feedback, Mistake, Rationale, Review, TeachStats, read_mistakes, write_document, write_records
+from mapd.records import (Feedback, Mistake, Rationale, Review, TeacherStats, TeachStats, read_mistakes, write_document,
+                          write_records)
 from mapd.secrets import check_credentials
 from mapd.review_score import parse_score
 from mapd.stages.review import check_committee, judged, needs_review, reviewers
@@ -182,13 +183,13 @@ def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list
                                          answer_kind=answer_kind)
         finally:  # also when the budget stops the run: what was spent
             if not dry_run:
-                say(summary_table(TeachStats(dispatcher.summary()).model_dump()))
+                say(summary_table(_teach_stats(dispatcher).model_dump()))
     if dry_run:
         _print_estimate(dispatcher)
         return {"dry_run": {name: vars(row) for name, row in dispatcher.estimated.items()}}
     write_records(folder.feedback, feedback)
     write_records(folder.rationales, rationales)
-    stats = TeachStats(dispatcher.summary())  # the call path's plain statistics, as the record teach_stats.json holds
+    stats = _teach_stats(dispatcher)
     write_document(folder.teach_stats, stats)
     say(_acceptance_line(feedback, rationales))
     _raise_if_incomplete(feedback, rationales, dispatcher)
@@ -199,6 +200,11 @@ def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list
         "accepted": sum(r.accepted for r in rationales),
         "teachers": stats.model_dump(),
     }
+
+
+def _teach_stats(dispatcher: Dispatcher) -> TeachStats:
+    """The call path's plain statistics as the record teach_stats.json holds."""
+    return TeachStats({name: TeacherStats.from_counts(counts) for name, counts in dispatcher.summary().items()})
 
 
 def _raise_if_incomplete(feedback: list[Feedback], rationales: list[Rationale], dispatcher: Dispatcher) -> None:
