@@ -296,6 +296,28 @@ def test_sampled_batched_equals_one_at_a_time(tiny):
     assert [g.text for g in other] != [g.text for g in single] != [g.text for g in greedy]  # the seed samples
 
 
+def test_a_gguf_model_loads_from_its_own_file_when_no_converted_copy_can_be_kept(tiny_model_dir, tmp_path,
+                                                                                monkeypatch, caplog):
+    """A full disk or a read-only cache folder costs the one-time conversion's speed-up, never the load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    asked = []
+    real_model, real_tokenizer = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+    monkeypatch.setattr(generation, "servable", no_room)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda folder, gguf_file=None, **kwargs: asked.append(
+        (folder, gguf_file)) or real_model(tiny_model_dir, **kwargs))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda folder, gguf_file=None, **kwargs: asked.append(
+        (folder, gguf_file)) or real_tokenizer(tiny_model_dir, **kwargs))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
+    model, tokenizer = generation.load_model(str(tmp_path / "m.gguf"))
+    assert asked == [(str(tmp_path), "m.gguf")] * 2 and model.config.vocab_size == len(tokenizer)
+    assert "no converted copy could be kept ([Errno 28] No space left on device); loading the GGUF file itself" in (
+        caplog.text)
+
+
 def test_generation_dtype_is_configurable(tiny_model_dir):
     """student.dtype / a local teacher's dtype: bfloat16 weights when asked, float32 on a CPU by default."""
     import torch

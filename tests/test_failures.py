@@ -169,3 +169,17 @@ def test_a_claim_of_a_process_that_ended_on_this_machine_is_taken_at_once(tmp_pa
         assert cache.claim("b", me, lease_s=30) == "busy"
         assert cache.claim("c", process_owner(), lease_s=30) == "claimed"  # this process, another dispatcher: alive
         assert cache.claim("c", me, lease_s=30) == "busy"
+        assert cache.claim("d", "an owner of an older mapd", lease_s=30) == "claimed"  # not one of ours: its lease
+        assert cache.claim("d", me, lease_s=30) == "busy"
+
+
+def test_without_a_pid_namespace_to_read_claims_are_named_all_the_same(monkeypatch):
+    """Where /proc/self/ns/pid cannot be read (not Linux), the namespace is "-" for every process here."""
+    from mapd.llm import cache as cache_module
+
+    def unreadable(path):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(cache_module.os, "readlink", unreadable)
+    owner = process_owner()
+    assert owner.split(":")[1] == "-" and not cache_module.owner_is_gone(owner)

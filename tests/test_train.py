@@ -548,3 +548,23 @@ def test_gguf_student_trains_and_saves_safetensors(tmp_path, form):
     assert (tmp_path / "model" / "model.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert model.config.model_type == "llama"
+
+
+def test_a_gguf_loaded_as_is_trains_unmarked_and_packed_gguf_weights_are_refused():
+    """When a GGUF student is loaded from its own file (no converted copy could be kept), transformers marks it
+    quantized: the mark is dropped so it trains and saves as safetensors; weights kept packed are refused."""
+    from types import SimpleNamespace
+
+    from mapd.stages.train import _drop_gguf_mark
+
+    removed = []
+    quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"), packed_modules=None,
+                                remove_quantization_config=removed.append)
+    student = SimpleNamespace(hf_quantizer=quantizer)
+    _drop_gguf_mark(student, "m")
+    assert removed == [student]
+    quantizer.packed_modules = ["q_proj"]
+    with pytest.raises(MapdError, match="m: its GGUF weights stay packed .* cannot be trained"):
+        _drop_gguf_mark(student, "m")
+    _drop_gguf_mark(SimpleNamespace(), "m")  # not a GGUF model: nothing to drop
+    assert removed == [student]

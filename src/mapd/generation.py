@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mapd.errors import MapdError
+from mapd.log import log
 from mapd.models import resolve_model, servable
 
 
@@ -41,15 +42,19 @@ def load_model(name: str, gguf_file: str | None = None, *, dtype=None, device: s
     folder, gguf_file = resolve_model(name, gguf_file)  # first: a bad name fails before the slow imports
     if gguf_file:  # converted in the type asked for when it is a half one: the same weights, half the disk
         half = str(dtype).removeprefix("torch.")
-        folder = servable(name, gguf_file, dtype=half if half in ("bfloat16", "float16") else None)
+        try:
+            folder, gguf_file = servable(name, gguf_file, dtype=half if half in ("bfloat16", "float16") else None), None
+        except OSError as exc:  # no room or no write access for the copy: the GGUF file itself, as transformers reads it
+            log.warning(f"model {name}: no converted copy could be kept ({exc}); loading the GGUF file itself")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     torch_dtype = (torch.float32 if not torch.cuda.is_available() else "auto") if dtype in (None, "auto") else (
         getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as exc:  # not a model: no config, not GGUF, unknown architecture
         raise MapdError(f"model {name}: cannot load it ({str(exc).strip().splitlines()[0]})") from None
     tokenizer.padding_side = "left"

@@ -231,10 +231,14 @@ def _convert(folder: str, gguf: str, out: Path, *, dtype: str | None, source: st
         model = model.to(getattr(torch, dtype))
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    from safetensors import SafetensorError
+
     try:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "mapd_servable.json").write_text(json.dumps({"source": source, "identity": identity}) + "\n")
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, SafetensorError):  # the weights could not be written (a full disk): an OSError as any other
+            raise OSError(f"cannot write {out}: {exc}") from exc
         raise

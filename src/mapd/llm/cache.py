@@ -128,13 +128,9 @@ def owner_is_gone(owner: str) -> bool:
     parts = owner.split(":")
     if len(parts) != 4 or parts[:2] != [socket.gethostname(), _pid_namespace()] or not parts[2].isdigit():
         return False
-    try:
-        os.kill(int(parts[2]), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return False
+    import psutil
+
+    return not psutil.pid_exists(int(parts[2]))
 
 
 def cache_key(teacher: EndpointConfig, call: Call, identity: str | None = None) -> str:
