@@ -289,6 +289,7 @@ def test_an_embedded_model_in_parts_is_assembled_once_by_processes_asking_at_onc
     parts = (("mapd", "configs/default.yaml"), ("mapd", "configs/paper-committee.yaml"))
     whole = b"".join((configs.parent / relative).read_bytes() for _, relative in parts)
     monkeypatch.setenv("MAPD_CACHE_DIR", str(tmp_path))
+    (tmp_path / ".parts.gguf.partial-1").write_bytes(b"left by a run killed while it assembled")
     monkeypatch.setitem(models.EMBEDDED_MODELS, "parts", models.EmbeddedModel(
         "parts.gguf", parts, hashlib.sha256(whole).hexdigest(), "pip install mapd"))
     with ThreadPoolExecutor(4) as pool:

@@ -102,6 +102,8 @@ def embedded_model_file(name: str, assemble: bool = True) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(target) + ".lock"):  # two processes assembling at once: one writes, one waits
                 if not (target.is_file() and verified_mark.is_file()):
+                    for stale in target.parent.glob(f".{target.name}.partial-*"):  # killed midway (we hold the lock)
+                        stale.unlink(missing_ok=True)
                     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
                     with open(partial, "wb") as out:
                         for part in parts:
@@ -194,6 +196,10 @@ def servable(model: str, gguf_file: str | None = None, *, dtype: str | None = No
         if target.is_dir():  # another process converted it while we waited
             return str(target)
         log.info(f"converting {model} once to a model folder (dequantized; later loads read it): {target}")
+        import shutil
+
+        for stale in target.parent.glob(f".{target.name}.partial-*"):  # a conversion killed midway (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
         _convert(folder, gguf, partial, dtype=dtype, source=model, identity=identity)
         os.rename(partial, target)
