@@ -29,7 +29,7 @@ class Generation:
         return None if self.finish_reason is None else self.finish_reason == "length"
 
 
-def load_model(name: str, gguf_file: str | None = None, *, dtype=None, device: str | None = None):
+def load_model(name: str, gguf_file: str | None = None, *, dtype: str | None = None, device: str | None = None):
     """Load ``(model, tokenizer)`` for generation or training.
 
     ``name`` is a hub id, a local folder, a ``.gguf`` file, or ``embedded:<model>`` (a model
@@ -37,13 +37,12 @@ def load_model(name: str, gguf_file: str | None = None, *, dtype=None, device: s
     (:func:`mapd.models.servable`, the one a server loads), which later loads take in a second instead of
     parsing the GGUF file again. The tokenizer pads on the left, as batched generation needs. ``device`` moves the
     model there (generation: :func:`generation_device`). ``dtype``: "auto" or None (float32 on a CPU, the
-    checkpoint's own on a GPU), a torch dtype or its name ("bfloat16").
+    checkpoint's own on a GPU) or a torch dtype's name ("float32", "bfloat16").
     """
     folder, gguf_file = resolve_model(name, gguf_file)  # first: a bad name fails before the slow imports
-    if gguf_file:  # converted in the type asked for when it is a half one: the same weights, half the disk
-        half = str(dtype).removeprefix("torch.")
+    if gguf_file:  # converted in the type asked for (a half one: the same weights, half the disk)
         try:
-            folder, gguf_file = servable(name, gguf_file, dtype=half if half in ("bfloat16", "float16") else None), None
+            folder, gguf_file = servable(name, gguf_file, dtype=None if dtype == "auto" else dtype), None
         except OSError as exc:  # no room or no write access for the copy: the GGUF file itself, as transformers reads it
             log.warning(f"model {name}: no converted copy could be kept ({exc}); loading the GGUF file itself")
     import torch
@@ -51,7 +50,7 @@ def load_model(name: str, gguf_file: str | None = None, *, dtype=None, device: s
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     torch_dtype = (torch.float32 if not torch.cuda.is_available() else "auto") if dtype in (None, "auto") else (
-        getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        getattr(torch, dtype))
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from mapd.records import Metrics, TrainingPair
-from mapd.stats import wilson_interval
+from mapd.stats import accuracy_interval
 
 CARD = "README.md"
 CHECKPOINTS_SUFFIX = "-checkpoints"  # <model folder>-checkpoints/: where keep_checkpoints moves them
@@ -64,7 +64,7 @@ def _hub_id(name: str) -> str | None:
 
 def _interval(metrics: Metrics) -> list[float]:
     """The 95 % Wilson interval of an evaluation's accuracy, rounded for the card."""
-    return [round(bound, 4) for bound in wilson_interval(round(metrics.accuracy * metrics.n), metrics.n)]
+    return [round(bound, 4) for bound in accuracy_interval(metrics.accuracy, metrics.n)]
 
 
 def _accuracy(metrics: Metrics | None) -> str:

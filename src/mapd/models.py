@@ -185,6 +185,7 @@ def servable(model: str, gguf_file: str | None = None, *, dtype: str | None = No
         stem, identity = Path(gguf).stem, f"hub:{folder}:{gguf}"
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise MapdError(f"servable dtype {dtype!r}: use float32, bfloat16 or float16")
+    dtype = None if dtype == "float32" else dtype  # the GGUF loader's own type: one folder for both names
     identity += f":{dtype}"
     target = cache_dir() / "servable" / f"{_safe(stem)}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     if target.is_dir():

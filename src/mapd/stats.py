@@ -30,6 +30,12 @@ def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[flo
     return float(interval.low), float(interval.high)
 
 
+def accuracy_interval(accuracy: float, n: int) -> tuple[float, float]:
+    """The 95 % Wilson interval of an evaluation's accuracy over ``n`` questions (metrics.json stores the
+    accuracy; the count of right answers is recovered from it)."""
+    return wilson_interval(round(accuracy * n), n)
+
+
 def mcnemar_exact(gained: int, lost: int) -> float:
     """Two-sided exact McNemar p-value from the discordant counts; 1.0 when there are none."""
     if gained < 0 or lost < 0:

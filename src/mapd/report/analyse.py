@@ -21,7 +21,7 @@ from mapd.errors import MapdError
 from mapd.layout import EvalLayout, RoundLayout, RunLayout
 from mapd.records import Feedback, Metrics, Mistake, Prediction, Rationale, Review, TeacherStats
 from mapd.report.load import Round, load_document, load_manifest, load_records, load_round
-from mapd.stats import PairedComparison, format_p, paired_comparison, wilson_interval
+from mapd.stats import PairedComparison, accuracy_interval, format_p, paired_comparison
 
 SCORES = [1, 2, 3, 4, 5]
 N_WRONG_SHOWN = 3
@@ -169,10 +169,11 @@ def answer_kind(manifest: dict | None, golds: list[str]) -> str:
 
 def _rationale_right(record: Rationale, gold: str, kind: str) -> bool:
     """Whether a rationale's own final answer equals the gold (extracted from its text if not recorded)."""
-    from mapd.answers import extract, is_correct
+    from mapd.answers import is_correct
+    from mapd.stages.review import own_answer
 
     recorded = "answer" in record.model_fields_set  # an explicit null is recorded: no answer
-    answer = record.answer if recorded else extract(record.text, kind).answer
+    answer = record.answer if recorded else own_answer(record.text, kind, record.cut_off)
     return answer is not None and bool(is_correct(answer, gold, kind))
 
 
@@ -409,13 +410,8 @@ def _evaluation(rounds: list[Round], run_dir: Path) -> Section:
     return Section(2, "Accuracy", blocks + samples)
 
 
-def _ci95(metrics: Metrics) -> tuple[float, float]:
-    """The 95 % Wilson interval of an evaluation's accuracy."""
-    return wilson_interval(round(metrics.accuracy * metrics.n), metrics.n)
-
-
 def _interval(metrics: Metrics) -> str:
-    low, high = _ci95(metrics)
+    low, high = accuracy_interval(metrics.accuracy, metrics.n)
     return f"{100 * low:.1f}% – {100 * high:.1f}%"
 
 
@@ -481,7 +477,7 @@ def eval_summary(before: EvalLayout, after: EvalLayout) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     metrics = load_document(after.metrics, Metrics)
     if metrics is not None:
-        summary["accuracy_ci95"] = [round(bound, 4) for bound in _ci95(metrics)]
+        summary["accuracy_ci95"] = [round(bound, 4) for bound in accuracy_interval(metrics.accuracy, metrics.n)]
     old, new = load_records(before.predictions, Prediction), load_records(after.predictions, Prediction)
     if old is not None and new is not None:
         summary.update(_paired(old, new).summary())

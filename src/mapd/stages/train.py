@@ -216,8 +216,7 @@ def prepare_trainer(config: TrainConfig, model: str, data: Path, out_dir: Path, 
     pairs = load_pairs(Path(data), config.alpha)
     bf16 = config.bf16 if config.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     set_seed(config.seed)
-    dtype = config.model_dtype if config.model_dtype == "auto" else getattr(torch, config.model_dtype)
-    student, tokenizer = load_model(model, gguf_file, dtype=dtype)
+    student, tokenizer = load_model(model, gguf_file, dtype=config.model_dtype)
     _drop_gguf_mark(student, model)
     tokenizer.padding_side = "right"
     features = [tokenize_pair(tokenizer, pair, config.max_length) for pair in pairs]
