@@ -149,7 +149,9 @@ def test_a_missing_local_model_or_a_one_teacher_committee_is_a_problem(tmp_path,
     path.write_text(yaml.safe_dump(config))
     assert main(["check", str(path), "--offline"]) == 2
     lines = errors(capsys)
-    assert any(": teachers: " in line for line in lines) and any(": student.model: " in line for line in lines), lines
+    # the committee's own field, named once (it read "teachers: review.enabled: ..." when check prefixed it again)
+    assert any(f"{path}: review.enabled: peer review needs at least two teachers" in line for line in lines), lines
+    assert any(f"{path}: student.model: " in line for line in lines), lines
 
 
 def test_a_model_the_endpoint_does_not_serve_names_the_teacher_and_field(tmp_path, workdir, monkeypatch, capsys):
@@ -221,3 +223,50 @@ def test_a_dry_run_on_the_offline_default_writes_nothing(tmp_path, workdir, monk
                  str(tmp_path / "mistakes.jsonl"), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     assert "dry run: nothing was called or written" in capsys.readouterr().out
     assert files(tmp_path) == before and not cache.exists()
+
+
+def test_check_lists_every_problem_mapd_run_refuses(tmp_path, workdir, monkeypatch, capsys):
+    """`mapd check` and `mapd run` share one list of pre-flight problems (runner.run_problems): an unknown
+    single:<teacher> and a launcher that is not installed are problems for both, check listing them all."""
+    monkeypatch.setenv(KEY_ENV, "sk-test-check-0123456789")
+    path = write_config(tmp_path, "https://api.example.com/v1", build={"mode": "single:nobody"},
+                        train={"launch": "no-such-launcher-xyz --nproc 2"})
+    before = files(tmp_path)
+    assert main(["check", str(path), "--offline"]) == 2
+    lines = errors(capsys)
+    single = f"{path}: build.mode: single:nobody: teacher 'nobody' is not in the config (teachers: gpt, gemini)"
+    launch = f"{path}: train.launch: no-such-launcher-xyz: no such command"
+    assert any(line == f"mapd: error: {single}" for line in lines), lines
+    assert any(line.startswith(f"mapd: error: {launch}") for line in lines), lines
+    assert lines[-1] == f"mapd: error: {path}: 2 problem(s) above; nothing was called or written", lines
+    assert files(tmp_path) == before and not list(workdir.iterdir())
+    # mapd run refuses the same config with the first of them, as it did before check shared its list
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"mapd: error: {single}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_committee_is_named_once(tmp_path, workdir, monkeypatch, capsys):
+    path = write_config(tmp_path, "https://api.example.com/v1")
+    config = yaml.safe_load(path.read_text())
+    config["teachers"] = []
+    path.write_text(yaml.safe_dump(config))
+    assert main(["check", str(path), "--offline"]) == 2
+    lines = errors(capsys)
+    assert f"mapd: error: {path}: teachers: the committee needs at least one teacher" in lines, lines
+    assert not any("teachers: teachers:" in line for line in lines), lines
+
+
+def test_a_missing_local_model_is_named_by_check_and_refused_by_run_in_its_own_words(tmp_path, workdir, monkeypatch,
+                                                                                   capsys):
+    monkeypatch.setenv(KEY_ENV, "sk-test-check-0123456789")
+    path = write_config(tmp_path, "https://api.example.com/v1")
+    config = yaml.safe_load(path.read_text())
+    missing = str(tmp_path / "no-such-model")
+    config["teachers"][1] = {"name": "local", "model": missing}
+    path.write_text(yaml.safe_dump(config))
+    assert main(["check", str(path), "--offline"]) == 2
+    assert f"mapd: error: {path}: teachers.1 (local): model: model {missing}: no such folder" in errors(capsys)
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"mapd: error: model {missing}: no such folder\n"
+    assert not (tmp_path / "run").exists()

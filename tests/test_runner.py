@@ -79,6 +79,34 @@ def test_resume_after_a_crash_reruns_only_unfinished_stages(run_config, tmp_path
     assert server.requests == calls, "teacher calls are not paid twice after a crash"
 
 
+@pytest.mark.parametrize("error", [RuntimeError("a bug, key sk-leaked0123456789abcdef"), OSError(28, "No space left")],
+                         ids=["a bug", "an OSError"])
+def test_a_stage_that_raises_any_other_error_is_recorded_failed(run_config, tmp_path, monkeypatch, error):
+    """Not only an interrupt or an incomplete stage: whatever ends a stage leaves a final status, never
+    "running" (a failed stage keeps its error text, keys redacted), and the error still propagates."""
+    config_path, server = run_config
+    out = tmp_path / "run"
+    from mapd.stages import evaluate
+
+    def crash(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(evaluate, "run_eval_before", crash)
+    with pytest.raises(type(error)):
+        main(["run", str(config_path), "--out", str(out)])
+    record = json.loads((out / "manifest.json").read_text())["rounds"][0]["stages"]["eval_before"]
+    assert record["status"] == "failed", record
+    assert record["finished"] and record["seconds"] >= 0
+    assert str(error).split(" key ")[0] in record["error"]
+    assert "sk-leaked" not in (out / "manifest.json").read_text()
+    assert server.requests == 0
+    if isinstance(error, OSError):  # once the cause is gone, the same command reruns the failed stage
+        monkeypatch.undo()
+        assert main(["run", str(config_path), "--out", str(out)]) == 0
+        stages = json.loads((out / "manifest.json").read_text())["rounds"][0]["stages"]
+        assert stages["eval_before"]["status"] == "done" and "error" not in stages["eval_before"]
+
+
 def test_changed_config_refuses_the_folder(run_config, tmp_path, capsys):
     config_path, _ = run_config
     out = tmp_path / "run"

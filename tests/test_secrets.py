@@ -23,12 +23,13 @@ from tests.openai_server import FakeOpenAIServer
 from tests.reliability_kit import COMMITTEE, CountingReply, write_teach_setup
 from tests.reliability_kit import teach_argv as kit_teach_argv
 
+from mapd import log
 from mapd.cli import main
 from mapd.config import RunConfig, TeacherConfig
 from mapd.secrets import public_dump
 from mapd.errors import MapdError
 from mapd.io import read_jsonl
-from mapd.secrets import Redactor, api_key, endpoint, redact_url
+from mapd.secrets import Redactor, api_key, endpoint, protect_logs, redact_url
 
 PASTED_KEY = "AIzaSyD0123456789abcdefghijklmnopqrstuv"  # a key that is also a valid variable name
 
@@ -233,3 +234,23 @@ def test_public_dump_keeps_names_and_hides_url_credentials():
     assert teacher["base_url"] == "https://***@host/v1?***" == redact_url("https://alice:pw-123@host/v1?key=qk-456")
     assert teacher["headers_env"] == {"x-api-key": "HDR"} and teacher["query_env"] == {"sig": "QRY"}
     assert "pw-123" not in dumped and "qk-456" not in dumped and "alice" not in dumped
+
+
+def test_protect_logs_redacts_every_mapd_logger_on_the_terminal_and_in_mapd_log(tmp_path, capsys):
+    """The redaction is on mapd's handlers, so a child logger's record (say()'s mapd.out, mapd.runner, a stage's)
+    is redacted too, on the terminal and in mapd.log, the error that ends a to_file block included."""
+    secret = f"SECRET{token_hex(8)}"
+    protect_logs([secret])
+    log.setup()
+    with pytest.raises(MapdError), log.to_file(tmp_path) as path:
+        log.say(f"result {secret}")
+        logging.getLogger("mapd.runner").info("runner %s", secret)
+        logging.getLogger("mapd.stages.evaluate").warning(f"stage {secret}")
+        raise MapdError(f"stopped {secret}")
+    captured = capsys.readouterr()
+    written = path.read_text()
+    assert "result ***" in captured.out
+    assert "mapd: runner ***" in captured.err and "mapd: stage ***" in captured.err
+    assert all(line in written for line in ("INFO result ***", "INFO runner ***", "WARNING stage ***",
+                                            "ERROR error: stopped ***")), written
+    assert secret not in captured.out + captured.err + written

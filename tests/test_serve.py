@@ -128,6 +128,21 @@ def test_template_errors_fail_before_anything_starts(tmp_path):
         "x --kw '{\"a\": 1}' --m 'a b' --port 5"
 
 
+def test_a_host_a_server_cannot_listen_on_is_one_line_before_anything_starts(tmp_path):
+    """A host of another machine (or, in the config, no host at all) is a one-line error, never a traceback."""
+    from pydantic import ValidationError
+
+    from mapd.config import StudentConfig, TeacherConfig
+
+    with pytest.raises(ServerFailed, match=r"host '192\.0\.2\.1': a server cannot listen there .*127\.0\.0\.1"):
+        with served(f"{sys.executable} -c pass {{port}}", "m", name="t", log_path=tmp_path / "s.log", host="192.0.2.1"):
+            pass
+    assert not (tmp_path / "s.log").exists()  # nothing was started
+    for section, fields in ((StudentConfig, {}), (TeacherConfig, {"name": "t", "model": "m", "serve": "x {port}"})):
+        with pytest.raises(ValidationError, match="'no such host' is neither an IP address nor a host name"):
+            section(host="no such host", **fields)
+
+
 def test_a_taken_port_is_never_handed_out_and_a_lost_race_is_retried(tmp_path, monkeypatch):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

@@ -318,3 +318,27 @@ def test_another_file_in_the_caches_place_is_never_written_over(tmp_path):
         assert caught.value.condition == "replaced" and "mine" in cache.unwritten
     with CallCache(path) as cache:
         assert cache.get("theirs").text and cache.get("mine") is None
+
+
+def test_replies_the_cache_never_took_make_the_stage_incomplete_even_when_every_call_was_answered(tmp_path, caplog):
+    """The cache fills up for good: the records have every reply, but the stage may not end as done (exit 0)
+    while paid replies are missing from the cache, and closing the cache names them."""
+    from mapd.errors import IncompleteStage
+    from mapd.records import TeachStats
+    from mapd.stages.teach import _raise_if_incomplete
+
+    with FakeOpenAIServer(latency_s=0.02) as server, CallCache(tmp_path / "cache.sqlite") as cache:
+        teacher = TeacherConfig(name="t", model="m", base_url=server.base_url, api_key_env=KEY_ENV, max_concurrency=2)
+        pages = cache._db.execute("PRAGMA page_count").fetchone()[0]
+        cache._db.execute(f"PRAGMA max_page_count={pages + 2}")
+        calls = [Call(CallKey("test", str(n), "t"), [{"role": "user", "content": f"q{n} " * 300}]) for n in range(30)]
+        with Dispatcher([teacher], cache, backoff=FAST) as dispatcher:
+            dispatcher.complete_all(calls)
+            unwritten = len(cache.unwritten)
+            assert unwritten and dispatcher.cache_problem.condition == "disk full"
+            with pytest.raises(IncompleteStage) as caught:
+                _raise_if_incomplete([], [], dispatcher, TeachStats({}))  # no record carries an error
+    assert str(caught.value).startswith("teach incomplete: every call was answered. ")
+    assert f"({unwritten} paid replies are in the records but not in the cache: a rerun pays them again)" in str(
+        caught.value)
+    assert f"{unwritten} paid replies could not be written to the call cache and are not in it" in caplog.text

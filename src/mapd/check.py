@@ -23,7 +23,6 @@ from mapd.errors import MapdError
 from mapd.llm.base import Call, CallResult
 from mapd.llm.estimate import Estimate, dry_run_reply, longest_reply
 from mapd.log import log, say
-from mapd.models import resolve_model
 from mapd.records import Mistake
 from mapd.secrets import Endpoint, Redactor, api_key, endpoint
 
@@ -34,9 +33,11 @@ def check(path: str | None, *, offline: bool = False) -> None:
     """Check the config at ``path`` (None: the embedded demo) and say what teaching may cost; a MapdError
     (exit 2) when any problem was found, each problem logged first as one ``error:`` line naming the
     teacher and the field."""
+    from mapd.runner import run_problems
+
     source = path or "the embedded default config"
     config = load_config(path) if path else embedded_default_config()
-    problems = [f"{source}: {problem}" for problem in _run_problems(config)]
+    problems = [str(problem) for problem in run_problems(config, source, assemble=False)]  # nothing assembled
     for index, teacher in enumerate(config.teachers):
         problems += [f"{source}: teachers.{index} ({teacher.name}): {problem}"
                      for problem in _teacher_problems(teacher, offline)]
@@ -50,48 +51,25 @@ def check(path: str | None, *, offline: bool = False) -> None:
     say(f"{source}: ok" + (" (endpoints not probed: --offline)" if offline else ""))
 
 
-def _run_problems(config: RunConfig) -> list[str]:
-    """What stops ``mapd run`` before its first call: the committee (at least one teacher, two with peer
-    review on), and a local student model that is not there."""
-    from mapd.stages.review import check_committee
-
-    problems = []
-    try:
-        check_committee([teacher.name for teacher in config.teachers], config.review)
-    except MapdError as exc:
-        problems.append(f"teachers: {exc}")
-    if not config.student.base_url:
-        try:
-            resolve_model(config.student.model, config.student.gguf_file, assemble=False)
-        except MapdError as exc:
-            problems.append(f"student.model: {exc}")
-    return problems
-
-
 def _teacher_problems(teacher: TeacherConfig, offline: bool) -> list[str]:
-    """What is wrong with one teacher: an unset key variable, an endpoint that does not answer or does not
-    serve its model."""
-    if not teacher.base_url:  # in-process, or a server mapd starts (serve:): its model path, nothing to reach yet
-        try:
-            resolve_model(teacher.model, teacher.gguf_file, assemble=False)
-        except MapdError as exc:
-            return [f"model: {exc}"]
+    """What is wrong with one endpoint teacher: an unset key variable, an endpoint that does not answer or does not
+    serve its model (a local model's path: ``run_problems``)."""
+    if not teacher.base_url:  # in-process, or a server mapd starts (serve:): nothing to reach yet
         return []
-    problems = []  # (a teacher without prices under max_budget_usd: load_config refuses the config)
     try:
         key = api_key(teacher.api_key_env, teacher.name)
     except MapdError as exc:
-        return [*problems, f"api_key_env: {exc}"]
+        return [f"api_key_env: {exc}"]
     try:
         where = endpoint(teacher, key)
     except MapdError as exc:
-        return [*problems, f"headers_env / query_env: {exc}"]
+        return [f"headers_env / query_env: {exc}"]
     if offline:
         held = "its key variable set" if teacher.api_key_env else "no key needed (api_key_env unset)"
         say(f"  {teacher.name}: {held}; endpoint not probed (--offline)")
-        return problems
+        return []
     problem = _probe(teacher, key, where)
-    return [*problems, problem] if problem else problems
+    return [problem] if problem else []
 
 
 def _probe(teacher: TeacherConfig, key: str, where: Endpoint) -> str | None:

@@ -64,6 +64,22 @@ def _http_url(url: str) -> str:
 BaseUrl = Annotated[str, AfterValidator(_http_url)]
 
 
+def _host(host: str) -> str:
+    """An IP address or a host name (letters, digits, -, _ and dots), as a server binds it."""
+    from ipaddress import ip_address
+
+    try:
+        ip_address(host)
+        return host
+    except ValueError:
+        if re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?", host):
+            return host
+    raise ValueError(f"{host!r} is neither an IP address nor a host name")
+
+
+Host = Annotated[str, AfterValidator(_host)]
+
+
 def _expand_user(path: str | None) -> str | None:
     """``~/x`` -> ``/home/me/x``: a path field means the same to every stage that opens it."""
     return str(Path(path).expanduser()) if path else path
@@ -94,6 +110,11 @@ def name_key(name: str) -> str:
 # Marks a field that changes how a run goes, not what it produces: it may change between reruns of one
 # run folder (docs/reliability.md#resume-after-a-config-change).
 OPERATIONAL = {"operational": True}
+HOST = Field(  # a teacher's and the student's serve host
+    "127.0.0.1", json_schema_extra=OPERATIONAL,
+    description="serve: the address mapd talks to the server at, passed to the template as {host} "
+    "(e.g. --host {host}); loopback by default, so the server is not reachable from other machines.",
+)
 
 
 # The task names mapd.tasks implements (tests/test_layers.py checks the two agree); kept here as data so the
@@ -250,17 +271,17 @@ class EndpointConfig(BaseModel):
     model_config = SECTION
 
     @property
-    def served(self) -> bool:
+    def started_by_mapd(self) -> bool:
         """Whether mapd starts the server this endpoint is (a teacher's ``serve``)."""
         return False
 
     @model_validator(mode="after")
     def _infer_provider(self) -> "EndpointConfig":
-        if self.served and self.base_url:
+        if self.started_by_mapd and self.base_url:
             raise ValueError("set serve (mapd starts the server) or base_url (a server already running), not both")
         if self.provider is None:
-            self.provider = "openai" if self.base_url or self.served else "local"
-        if self.batch and (self.provider != "openai" or self.served):
+            self.provider = "openai" if self.base_url or self.started_by_mapd else "local"
+        if self.batch and (self.provider != "openai" or self.started_by_mapd):
             raise ValueError("batch: true needs base_url, an endpoint with the Batch API; local and serve: "
                              "teachers answer live")
         return self
@@ -272,7 +293,7 @@ class EndpointConfig(BaseModel):
         from ipaddress import ip_address
         from urllib.parse import urlsplit
 
-        if self.provider == "local" or self.served:
+        if self.provider == "local" or self.started_by_mapd:
             return True
         host = urlsplit(self.base_url or "").hostname or ""
         try:
@@ -296,18 +317,13 @@ class TeacherConfig(EndpointConfig):
         "{model}, {port}, {name} and {host}, e.g. 'vllm serve {model} --host {host} --port {port} "
         "--served-model-name {name}'. It starts only when some call is not cached.",
     )
-    host: str = Field(
-        "127.0.0.1", json_schema_extra=OPERATIONAL,
-        description="serve: the address mapd talks to the server at, passed to the template as {host} "
-        "(e.g. --host {host}); loopback by default, so the server is not reachable from other machines.",
-    )
+    host: Host = HOST
     ready_timeout_s: float = Field(
         900, gt=0, le=DAY_S, json_schema_extra=OPERATIONAL,
         description="serve: seconds to wait for the server to be ready (a large model loads for minutes).")
-    model_config = SECTION
 
     @property
-    def served(self) -> bool:
+    def started_by_mapd(self) -> bool:
         """Whether mapd starts this teacher's server (``serve``)."""
         return bool(self.serve)
 
@@ -464,11 +480,7 @@ class StudentConfig(BaseModel):
         "{name}' or 'transformers serve {model} --host {host} --port {port} --continuous-batching'. Unset (and no "
         "base_url): in-process.",
     )
-    host: str = Field(
-        "127.0.0.1", json_schema_extra=OPERATIONAL,
-        description="serve: the address mapd talks to the server at, passed to the template as {host} "
-        "(e.g. --host {host}); loopback by default, so the server is not reachable from other machines.",
-    )
+    host: Host = HOST
     base_url: BaseUrl | None = Field(
         None, json_schema_extra=OPERATIONAL,
         description="Generate with an OpenAI-compatible server that is already running (e.g. a vLLM fleet behind "

@@ -31,6 +31,31 @@ def _is_result(record: logging.LogRecord) -> bool:
     return record.name == out.name
 
 
+class _Redaction(logging.Filter):
+    """The one filter on every handler mapd makes (the terminal's, each mapd.log's): it runs each record through
+    the filters registered with :func:`redact_with` (mapd.secrets.protect_logs's redactor), so that a record of
+    any mapd logger, the child loggers' included, is redacted wherever mapd writes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._filters: tuple[logging.Filter, ...] = ()
+
+    def add(self, record_filter: logging.Filter) -> None:
+        if record_filter not in self._filters:
+            self._filters += (record_filter,)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return all(record_filter.filter(record) for record_filter in self._filters)
+
+
+_REDACTION = _Redaction()
+
+
+def redact_with(record_filter: logging.Filter) -> None:
+    """Pass every record that mapd's handlers write through ``record_filter`` first (it may rewrite the record)."""
+    _REDACTION.add(record_filter)
+
+
 class _AboveTheBars(logging.Handler):
     """Writes each line with ``tqdm.write``, so it lands above the progress bars instead of through them:
     the results to standard output, the rest to standard error."""
@@ -39,6 +64,7 @@ class _AboveTheBars(logging.Handler):
         super().__init__(level)
         self.results = results
         self.addFilter(lambda record: _is_result(record) == results)
+        self.addFilter(_REDACTION)
         self.setFormatter(logging.Formatter("%(message)s" if results else "mapd: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -83,14 +109,14 @@ def to_file(folder: Path) -> Iterator[Path]:
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.addFilter(lambda record: not getattr(record, TERMINAL_ONLY, False))
+    handler.addFilter(_REDACTION)
     log.addHandler(handler)
     try:
         yield path
     except (Exception, KeyboardInterrupt) as exc:  # the error or interrupt that ends the command: in the file too
         traceback = None if isinstance(exc, (KeyboardInterrupt, MapdError)) else (type(exc), exc, exc.__traceback__)
         record = log.makeRecord(log.name, logging.ERROR, __file__, 0, ending(exc), None, traceback)
-        if log.filter(record):  # the redaction of mapd.secrets.protect_logs
-            handler.handle(record)
+        handler.handle(record)  # (the handler's filters redact it)
         raise
     finally:
         log.removeHandler(handler)

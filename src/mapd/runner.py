@@ -46,7 +46,7 @@ from mapd.io import folder_lock, read_json, write_json
 from mapd.layout import RoundLayout, RunLayout
 from mapd.model_card import card_from_run
 from mapd.models import check_local_teachers, resolve_model
-from mapd.secrets import public_dump
+from mapd.secrets import Redactor, api_key, endpoint, public_dump
 from mapd.student import server_pool, trained_student
 from mapd.tasks import get_task
 
@@ -321,9 +321,23 @@ def _record_comparison(manifest: Manifest, round_index: int, run_dir: RunLayout)
     manifest.save()
 
 
+def _redacted(config: RunConfig, text: str) -> str:
+    """``text`` without the credentials of the config's endpoints (those whose variables are set) and anything
+    that looks like a key, as the call path and ``mapd check`` redact an endpoint's errors."""
+    secrets: list[str] = []
+    for teacher in config.teachers:
+        if teacher.base_url:
+            try:
+                secrets += endpoint(teacher, api_key(teacher.api_key_env, teacher.name)).secrets
+            except MapdError:  # an unset variable: nothing of it can be in the text
+                pass
+    return Redactor(secrets, key_like=True)(text)
+
+
 def _run_stage(manifest: Manifest, round_index: int, stage: Stage, folder: RoundLayout, config: RunConfig) -> Any:
     """Run ``stage`` unless it is done and its outputs exist; record timing, summary and fingerprint.
-    An ``IncompleteStage`` is recorded as ``incomplete`` (with its message) and raised again."""
+    An ``IncompleteStage`` is recorded as ``incomplete`` (with its message), an interrupt (Ctrl-C, SIGTERM)
+    as ``interrupted``, any other exception as ``failed`` (with its redacted text); each is raised again."""
     record = manifest.stage(round_index, stage.name)
     if record.get("status") == "done" and all(path.exists() for path in stage.done(folder)):
         say(f"[round {round_index}] {stage.name}: done earlier, skipped")
@@ -335,15 +349,17 @@ def _run_stage(manifest: Manifest, round_index: int, stage: Stage, folder: Round
     start = time.perf_counter()
     try:
         summary = stage.run(folder, **stage_sections(stage.run, config))
-    except IncompleteStage as exc:
-        record.update(status="incomplete", seconds=round(time.perf_counter() - start, 2), error=str(exc),
-                      finished=_now())
-        if exc.summary is not None:
-            record["summary"] = exc.summary
-        manifest.save()
-        raise
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (mapd.cli): never left "running"
-        record.update(status="interrupted", seconds=round(time.perf_counter() - start, 2), finished=_now())
+    except BaseException as exc:  # whatever ends the stage, it is never left "running"
+        seconds = round(time.perf_counter() - start, 2)
+        if isinstance(exc, IncompleteStage):
+            record.update(status="incomplete", seconds=seconds, error=str(exc), finished=_now())
+            if exc.summary is not None:
+                record["summary"] = exc.summary
+        elif isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM (mapd.cli)
+            record.update(status="interrupted", seconds=seconds, finished=_now())
+        else:  # a server or command that failed, an OSError, a bug: its text, keys taken out
+            record.update(status="failed", seconds=seconds, error=_redacted(config, str(exc) or type(exc).__name__),
+                          finished=_now())
         manifest.save()
         raise
     record.update(status="done", seconds=round(time.perf_counter() - start, 2), summary=summary, finished=_now())
@@ -351,26 +367,55 @@ def _run_stage(manifest: Manifest, round_index: int, stage: Stage, folder: Round
     return summary
 
 
-def _check_run_config(config: RunConfig, source: str) -> None:
-    """What fails a run only at a later stage, checked before the first one: the committee (at least one
-    teacher; two with peer review on), the teacher a ``single:<teacher>`` build mode names, and the programs
-    ``train.launch`` and the ``serve`` templates run. Errors name the config file and field."""
+@dataclass(frozen=True)
+class RunProblem:
+    """One thing ``mapd run`` refuses before its first stage: ``message`` is what ``mapd run`` raises; ``at`` the
+    config file and field, where the message does not name them itself (a local model's error names the model)."""
+
+    message: str
+    at: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.at}: {self.message}" if self.at else self.message
+
+
+def run_problems(config: RunConfig, source: str, *, assemble: bool = True) -> list[RunProblem]:
+    """What fails a run only at a later stage, checked before the first one, every problem found (``mapd run``
+    raises the first, ``mapd check`` lists them all): the committee (at least one teacher; two with peer review
+    on), the teacher a ``single:<teacher>`` build mode names, the programs ``train.launch`` and the ``serve``
+    templates run, and the local models of the student and the teachers (``assemble`` off: an embedded model is
+    checked, not assembled, so nothing is written). ``source`` is the config file the problems name."""
+    from mapd.serve import command_missing
     from mapd.stages.review import check_committee
 
+    problems = []
     names = [teacher.name for teacher in config.teachers]
-    check_committee(names, config.review, source)
+    try:
+        check_committee(names, config.review, source)
+    except MapdError as exc:
+        problems.append(RunProblem(str(exc)))
     single = config.build.single
     if single is not None and single not in names:
-        raise MapdError(f"{source}: build.mode: {config.build.mode}: teacher '{single}' is not in the config "
-                        f"(teachers: {', '.join(names)})")
-    from mapd.serve import command_missing
-
+        problems.append(RunProblem(f"{source}: build.mode: {config.build.mode}: teacher '{single}' is not in the "
+                                   f"config (teachers: {', '.join(names)})"))
     commands = [("train.launch", config.train.launch), ("student.serve", config.student.serve)]
     commands += [(f"teachers.{i}.serve ({t.name})", t.serve) for i, t in enumerate(config.teachers)]
     for field, line in commands:
         if line and (program := command_missing(line)):
-            raise MapdError(f"{source}: {field}: {program}: no such command, on PATH or beside mapd's Python "
-                            f"({Path(sys.executable).parent})")
+            problems.append(RunProblem(f"{source}: {field}: {program}: no such command, on PATH or beside mapd's "
+                                       f"Python ({Path(sys.executable).parent})"))
+    assemble = assemble and not problems  # a run refused already assembles nothing (the models are still checked)
+    if not config.student.base_url:  # a running server's model is only a name
+        try:
+            resolve_model(config.student.model, config.student.gguf_file, assemble)
+        except MapdError as exc:
+            problems.append(RunProblem(str(exc), f"{source}: student.model"))
+    for index, teacher in enumerate(config.teachers):
+        try:
+            check_local_teachers([teacher], assemble)
+        except MapdError as exc:
+            problems.append(RunProblem(str(exc), f"{source}: teachers.{index} ({teacher.name}): model"))
+    return problems
 
 
 def default_run_dir(config_path: str | None) -> Path:
@@ -386,7 +431,10 @@ def run(config_path: str | None, out: Path | None = None, start: str | None = No
     if start is not None and start not in STAGE_NAMES:
         raise MapdError(f"--from {start}: not a stage (stages, in order: {', '.join(STAGE_NAMES)})")
     config = load_config(config_path) if config_path else embedded_default_config()
-    _check_run_config(config, config_path or str(EMBEDDED_DEFAULT))
+    # what would fail a later stage (a mistyped local model path, say) fails now, before the first one
+    problems = run_problems(config, config_path or str(EMBEDDED_DEFAULT))
+    if problems:
+        raise MapdError(problems[0].message)
     if config_path is None:
         say(
             "mapd: running the offline demonstration (embedded default): a 0.5B local committee teaches a "
@@ -394,14 +442,10 @@ def run(config_path: str | None, out: Path | None = None, start: str | None = No
             "teaching, point `teachers:` at real endpoints (mapd init paper-committee)."
         )
     run_dir = RunLayout(out or default_run_dir(config_path))
-    # a mistyped local model path fails now, not after the stages before the one that loads it
     if config.task.path is not None:  # bad local data fails now, before the run folder is made
         task = get_task(config.task)
         task.load(config.task.test_split, config.task.test_limit)
         task.load(config.task.train_split, config.task.train_limit)
-    if not config.student.base_url:  # a running server's model is only a name
-        resolve_model(config.student.model, config.student.gguf_file)
-    check_local_teachers(config.teachers)
     stages = _stages()
     with folder_lock(run_dir.dir), server_pool() as servers:  # a served student: started once, kept between stages
         manifest = Manifest(run_dir, config, stages, start=start, config_path=config_path)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit, urlunsplit
 
+from mapd import log
 from mapd.errors import MapdError
 
 if TYPE_CHECKING:
@@ -203,8 +204,10 @@ _LOG_FILTER = _RedactingFilter()
 
 
 def protect_logs(secrets: Iterable[str]) -> None:
-    """Redact ``secrets`` from every record of the HTTP and mapd loggers, whatever handlers a user adds."""
+    """Redact ``secrets`` from every record that mapd's handlers write (the terminal, mapd.log: every mapd logger's,
+    child loggers included), and from every record of the HTTP and mapd loggers whatever handlers a user adds."""
     _LOG_FILTER.add(s for s in secrets if s)
+    log.redact_with(_LOG_FILTER)
     for name in _LOGGERS:
         logger = logging.getLogger(name)
         if _LOG_FILTER not in logger.filters:

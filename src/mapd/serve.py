@@ -124,7 +124,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on now (the OS picks it); the server binds it a moment later."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
+        try:
+            probe.bind((host, 0))
+        except OSError as exc:  # an address of another machine, a name that does not resolve
+            raise ServerFailed(f"host {host!r}: a server cannot listen there ({exc}); use an address of this "
+                               "machine, e.g. 127.0.0.1") from exc
         return probe.getsockname()[1]
 
 

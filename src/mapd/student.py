@@ -136,7 +136,10 @@ def served_answers(student: StudentConfig, examples: list[Example], answer_kind:
             began = time.perf_counter()
             with Dispatcher([config], cache, identities={STUDENT: identity}, who={STUDENT: ROLE}) as dispatcher:
                 results = dispatcher.complete_all(list(calls.values()), desc)
+                trouble = dispatcher.cache_trouble() if dispatcher.cache.unwritten else None
             seconds = time.perf_counter() - began
+    if trouble:
+        raise IncompleteStage(f"{stage}: {trouble}")
     failed = [result for result in results.values() if result.text is None]
     if failed:
         raise IncompleteStage(f"{stage}: {len(failed)} of {len(calls)} student calls failed (the first: "

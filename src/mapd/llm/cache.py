@@ -546,7 +546,11 @@ class CallCache:
             self._set_wait(CACHE_WAIT_S)
 
     def close(self) -> None:
-        """Close the database (also checkpoints the WAL)."""
+        """Close the database (also checkpoints the WAL); replies it still could not write are named in an error
+        line (their stage has them in its records and stopped incomplete)."""
+        if self.unwritten:
+            log.error("%s: %d paid replies could not be written to the call cache and are not in it",
+                      self.path, len(self.unwritten))
         with self._lock:
             self._db.close()
 

@@ -212,6 +212,15 @@ class Dispatcher:
         except CacheUnavailable as exc:
             self._cache_trouble(exc)
 
+    def cache_trouble(self) -> str | None:
+        """Why the call cache did not take everything, when it did not: the condition, and how many paid replies
+        are only in this run's results (a rerun pays those again); None when the cache took every reply."""
+        if self.cache_problem is None:
+            return None
+        unwritten = len(self.cache.unwritten)
+        return str(self.cache_problem) + (f" ({unwritten} paid replies are in the records but not in the cache: a "
+                                          "rerun pays them again)" if unwritten else "")
+
     def _cache_trouble(self, exc: CacheUnavailable) -> None:
         """The cache cannot be written: no new call starts (the calls in flight finish, their replies kept)."""
         if self.cache_problem is None:
@@ -280,7 +289,8 @@ class Dispatcher:
                             with self._idle(teacher.batch):
                                 result = await making
                         except BaseException:
-                            self.cache.release(self.owner, key)
+                            with contextlib.suppress(CacheUnavailable):  # never hides the error (claims expire)
+                                self.cache.release(self.owner, key)
                             raise
         finally:
             self._working -= 1

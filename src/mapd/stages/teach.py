@@ -182,17 +182,18 @@ def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list
             feedback, rationales = teach(mistakes, dispatcher, committee=committee, prompts=prompts, review=review,
                                          answer_kind=answer_kind)
         finally:  # also when the budget stops the run: what was spent
-            if not dry_run:
-                say(summary_table(_teach_stats(dispatcher).model_dump()))
+            if not dry_run:  # the call path's plain statistics, as the record teach_stats.json holds
+                stats = TeachStats({name: TeacherStats.from_counts(counts)
+                                    for name, counts in dispatcher.summary().items()})
+                say(summary_table(stats.model_dump()))
     if dry_run:
         _print_estimate(dispatcher)
         return {"dry_run": {name: vars(row) for name, row in dispatcher.estimated.items()}}
     write_records(folder.feedback, feedback)
     write_records(folder.rationales, rationales)
-    stats = _teach_stats(dispatcher)
     write_document(folder.teach_stats, stats)
     say(_acceptance_line(feedback, rationales))
-    _raise_if_incomplete(feedback, rationales, dispatcher)
+    _raise_if_incomplete(feedback, rationales, dispatcher, stats)
     return {
         "mistakes": len(mistakes),
         "feedback_failed": sum(r.text is None for r in feedback),
@@ -202,27 +203,21 @@ def _teach_into(folder: RoundLayout, mistakes: list[Mistake], *, committee: list
     }
 
 
-def _teach_stats(dispatcher: Dispatcher) -> TeachStats:
-    """The call path's plain statistics as the record teach_stats.json holds."""
-    return TeachStats({name: TeacherStats.from_counts(counts) for name, counts in dispatcher.summary().items()})
-
-
-def _raise_if_incomplete(feedback: list[Feedback], rationales: list[Rationale], dispatcher: Dispatcher) -> None:
-    """IncompleteStage (BudgetExceeded when the budget stopped it) when any call failed or was not made;
-    the records are written by then, and a rerun makes only the missing calls."""
+def _raise_if_incomplete(feedback: list[Feedback], rationales: list[Rationale], dispatcher: Dispatcher,
+                         stats: TeachStats) -> None:
+    """IncompleteStage (BudgetExceeded when the budget stopped it) when any call failed or was not made, or
+    when paid replies could not be written to the call cache; the records are written by then, and a rerun
+    makes only the missing calls."""
     errors = [r.error for r in [*feedback, *rationales] if r.text is None]
     errors += [v.error for r in rationales for v in r.reviews if v.raw is None]
-    if not errors:
+    if not errors and not dispatcher.cache.unwritten:
         return
     kinds = Counter(error.split(":", 1)[0] for error in errors)
-    stopped = [f"{name} ({row['stopped']})" for name, row in dispatcher.summary().items() if row["stopped"]]
+    stopped = [f"{name} ({row.stopped})" for name, row in stats.root.items() if row.stopped]
     what = (f"{len(errors)} calls failed or were not made ({', '.join(f'{n} {k}' for k, n in kinds.most_common())})"
-            + (f"; stopped teachers: {'; '.join(stopped)}" if stopped else ""))
-    if dispatcher.cache_problem is not None:
-        unwritten = len(dispatcher.cache.unwritten)
-        raise IncompleteStage(f"teach incomplete: {what}. {dispatcher.cache_problem}" + (
-            f" ({unwritten} paid replies are in the records but not in the cache: a rerun pays them again)"
-            if unwritten else ""))
+            if errors else "every call was answered") + (f"; stopped teachers: {'; '.join(stopped)}" if stopped else "")
+    if trouble := dispatcher.cache_trouble():
+        raise IncompleteStage(f"teach incomplete: {what}. {trouble}")
     if dispatcher.budget_reached:
         raise BudgetExceeded(f"teacher budget max_budget_usd={dispatcher.max_budget_usd:g} reached: {what}. "
                              "The records are written; raise max_budget_usd and rerun to make the missing calls.")
